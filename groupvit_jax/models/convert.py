@@ -1,0 +1,345 @@
+"""Weight conversion: official NVlabs / HF transformers GroupViT state dicts <-> our Flax variables.
+
+Our parameter tree mirrors the NVlabs names, so `nvlabs_key` is a handful of renames; HF names are
+derived from NVlabs names as HF's own conversion script does (`nvlabs_to_hf` / `hf_to_nvlabs`).
+Tensors are plain numpy arrays here; torch is only needed to read `.pth`/`.bin` files.
+
+  python -m groupvit_jax.models.convert --config=configs/groupvit_s.py \
+      --input=group_vit_gcc_yfcc_30e.pth --output=/tmp/groupvit_s
+  python -m groupvit_jax.models.convert --config=configs/groupvit_s.py \
+      --checkpoint=/tmp/groupvit_s --export_hf=/tmp/groupvit_s_hf.safetensors
+"""
+
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+
+from groupvit_jax.models.vit import resize_pos_embed
+
+StateDict = dict[str, np.ndarray]
+# Keys that carry no weights: BatchNorm's step counter, HF's position-id buffer.
+_IGNORED = re.compile(r"(num_batches_tracked|position_ids)$")
+
+_NVLABS_RULES: list[tuple[str, Any]] = [
+    (r"^text_encoder/token_embedding$", "text_encoder/token_embedding/weight"),
+    (r"^text_encoder/resblocks_(\d+)/attn/in_proj/kernel$", r"text_encoder/resblocks_\1/attn/in_proj_weight"),
+    (r"^text_encoder/resblocks_(\d+)/attn/in_proj/bias$", r"text_encoder/resblocks_\1/attn/in_proj_bias"),
+    (r"^text_encoder/resblocks_(\d+)/", r"text_encoder/transformer/resblocks_\1/"),
+    (r"(resblocks_\d+)/mlp/fc1/", r"\1/mlp/c_fc/"),
+    (r"(resblocks_\d+)/mlp/fc2/", r"\1/mlp/c_proj/"),
+    (r"group_projector_norm/", "group_projector/0/"),
+    (r"group_projector/fc", "group_projector/1/fc"),
+    # ProjectMLP's nn.Sequential holds (Conv1d, BatchNorm1d, ReLU) per hidden layer.
+    (r"/bn_(\d+)/", lambda m: f"/linear_hidden/{3 * int(m[1]) + 1}/"),
+    (r"/linear_hidden_(\d+)/", lambda m: f"/linear_hidden/{3 * int(m[1])}/"),
+    (r"(layers|blocks|resblocks)_(\d+)", r"\1/\2"),
+    (r"/(kernel|scale)$", "/weight"),
+    (r"/mean$", "/running_mean"),
+    (r"/var$", "/running_var"),
+]
+
+
+def nvlabs_key(path: tuple[str, ...]) -> str:
+  """Our variable path (without the collection) -> the NVlabs state-dict key."""
+  key = "/".join(path)
+  for pattern, repl in _NVLABS_RULES:
+    key = re.sub(pattern, repl, key)
+  return key.replace("/", ".")
+
+
+def _to_ours(key: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+  """Converts one torch tensor to our layout (Linear [out, in] -> [in, out]; conv OIHW -> HWIO)."""
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  if value.ndim == 3 and key.endswith("weight") and value.shape[-1] == 1 and len(target_shape) == 2:
+    value = value[..., 0]  # NVlabs projectors are Conv1d(kernel_size=1).
+  if value.ndim == 2 and len(target_shape) == 2 and ("weight" in key and "embedding" not in key):
+    return value.T
+  return value
+
+
+def _to_torch(key: str, value: np.ndarray) -> np.ndarray:
+  """Inverse of `_to_ours` (projector weights come out as Linear, which HF uses)."""
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  if value.ndim == 2 and "weight" in key and "embedding" not in key:
+    return value.T
+  return value
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(nn.unbox(flax.core.unfreeze(tree)))
+
+
+def nvlabs_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict[str, Any]:
+  """Maps an NVlabs-named state dict onto `template` (our variables, arrays or ShapeDtypeStructs).
+
+  Raises:
+    ValueError naming the first parameter that is missing, unexpected, or of the wrong shape.
+  """
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items() if not _IGNORED.search(k)}
+  if not any(k.startswith(("img_encoder.", "text_encoder.")) for k in state_dict):
+    first = next(iter(state_dict), "<empty>")
+    raise ValueError(f"not a GroupViT checkpoint: no 'img_encoder.*'/'text_encoder.*' tensors "
+                     f"(first key: {first!r})")
+  if "multi_label_logit_scale" not in state_dict and "logit_scale" in state_dict:
+    # HF checkpoints and single-label runs have one scale; the second starts from the same value.
+    state_dict["multi_label_logit_scale"] = state_dict["logit_scale"]
+  out: dict[str, Any] = {}
+  used = set()
+  for collection, tree in template.items():
+    flat = {}
+    for path, leaf in _flat(tree).items():
+      key = nvlabs_key(path)
+      if key not in state_dict:
+        raise ValueError(f"checkpoint has no parameter {key!r} (needed for {'/'.join(path)}, "
+                         f"shape {tuple(leaf.shape)})")
+      value = _to_ours(key, state_dict[key], tuple(leaf.shape))
+      if key.endswith("pos_embed") and value.shape != tuple(leaf.shape) and value.shape[-1] == leaf.shape[-1]:
+        old, new = int(round(value.shape[1]**0.5)), int(round(leaf.shape[1]**0.5))
+        value = np.asarray(resize_pos_embed(value.astype(np.float32), old, (new, new)))
+      if value.shape != tuple(leaf.shape):
+        raise ValueError(f"parameter {key!r}: checkpoint shape {tuple(state_dict[key].shape)} does not fit "
+                         f"the config's {tuple(leaf.shape)} (ours: {'/'.join(path)})")
+      flat[path] = value.astype(np.float32)
+      used.add(key)
+    out[collection] = flax.traverse_util.unflatten_dict(flat)
+  unexpected = sorted(set(state_dict) - used)
+  if unexpected:
+    raise ValueError(f"checkpoint parameter {unexpected[0]!r} has no place in the configured model "
+                     f"({len(unexpected)} unexpected in all): is the config right?")
+  return out
+
+
+def variables_to_nvlabs(variables: Mapping[str, Any]) -> StateDict:
+  """Our variables -> an NVlabs-named state dict (projector weights as Conv1d [out, in, 1])."""
+  sd = {}
+  for collection, tree in variables.items():
+    for path, value in _flat(tree).items():
+      key = nvlabs_key(path)
+      value = _to_torch(key, np.asarray(value, np.float32))
+      if "projector.linear" in key and key.endswith("weight"):
+        value = value[..., None]
+      sd[key] = value
+  return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVlabs <-> HF transformers names.
+# ---------------------------------------------------------------------------------------------------
+
+_HF_RULES = [
+    (r"^img_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embeddings.projection."),
+    (r"^img_encoder\.patch_embed\.norm\.", "vision_model.embeddings.layernorm."),
+    (r"^img_encoder\.pos_embed$", "vision_model.embeddings.position_embeddings"),
+    (r"^img_encoder\.norm\.", "vision_model.layernorm."),
+    (r"^img_encoder\.layers\.(\d+)\.", r"vision_model.encoder.stages.\1."),
+    (r"\.blocks\.(\d+)\.norm(\d)\.", r".layers.\1.layer_norm\2."),
+    (r"\.blocks\.(\d+)\.attn\.proj\.", r".layers.\1.self_attn.out_proj."),
+    (r"\.blocks\.(\d+)\.", r".layers.\1."),
+    (r"pre_assign_attn\.attn\.proj\.", "pre_assign_attn.attn.out_proj."),
+    (r"^text_encoder\.transformer\.resblocks\.(\d+)\.", r"text_model.encoder.layers.\1."),
+    (r"^(text_model\.encoder\.layers\.\d+)\.attn\.out_proj\.", r"\1.self_attn.out_proj."),
+    (r"\.ln_(\d)\.", r".layer_norm\1."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^text_encoder\.positional_embedding$", "text_model.embeddings.position_embedding.weight"),
+    (r"^text_encoder\.token_embedding\.", "text_model.embeddings.token_embedding."),
+    (r"^text_encoder\.ln_final\.", "text_model.final_layer_norm."),
+    (r"^img_projector\.linear_hidden\.(\d+)\.", r"visual_projection.\1."),
+    (r"^img_projector\.linear_out\.", "visual_projection.3."),
+    (r"^text_projector\.linear_hidden\.(\d+)\.", r"text_projection.\1."),
+    (r"^text_projector\.linear_out\.", "text_projection.3."),
+]
+# Fused q|k|v tensors (rows q, k, v) in NVlabs that HF splits into q_proj/k_proj/v_proj.
+_FUSED_NVLABS = [
+    (re.compile(r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$"),
+     "vision_model.encoder.stages.{0}.layers.{1}.self_attn."),
+    (re.compile(r"^text_encoder\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$"),
+     "text_model.encoder.layers.{0}.self_attn."),
+]
+_FUSED_HF = re.compile(r"^(.*\.layers\.\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
+
+
+def _rename(key: str, rules) -> str:
+  for pattern, repl in rules:
+    key = re.sub(pattern, repl, key)
+  return key
+
+
+def nvlabs_to_hf(state_dict: Mapping[str, np.ndarray]) -> StateDict:
+  """Renames an NVlabs state dict to HF GroupViTModel names (HF has no multi-label scale)."""
+  out = {}
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key == "multi_label_logit_scale":
+      continue
+    if "projector.linear" in key and key.endswith("weight") and value.ndim == 3:
+      value = value[..., 0]  # Conv1d(k=1) -> Linear.
+    for pattern, stem in _FUSED_NVLABS:
+      m = pattern.match(key)
+      if m:
+        stem = stem.format(*m.groups()[:-1])
+        for name, part in zip(("q", "k", "v"), np.split(value, 3, axis=0)):
+          out[f"{stem}{name}_proj.{m.groups()[-1]}"] = part
+        break
+    else:
+      out[_rename(key, _HF_RULES)] = value
+  return out
+
+
+def hf_to_nvlabs(state_dict: Mapping[str, np.ndarray]) -> StateDict:
+  """Inverse of `nvlabs_to_hf`: fuses HF's q/k/v projections and renames to NVlabs keys."""
+  out: StateDict = {}
+  fused: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+  for key, value in state_dict.items():
+    if _IGNORED.search(key):
+      continue
+    m = _FUSED_HF.match(key)
+    if m:
+      fused.setdefault((m[1], m[3]), {})[m[2]] = np.asarray(value)
+    else:
+      out[_rename(key, _HF_INVERSE_RULES)] = np.asarray(value)
+  for (stem, kind), parts in fused.items():
+    if set(parts) != {"q", "k", "v"}:
+      raise ValueError(f"HF checkpoint has an incomplete q/k/v set under {stem!r}")
+    value = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    suffix = f".attn.in_proj_{kind}" if stem.startswith("text_model.") else f".attn.qkv.{kind}"
+    out[_rename(stem, _HF_INVERSE_RULES) + suffix] = value
+  return out
+
+
+_HF_INVERSE_RULES = [
+    (r"^vision_model\.embeddings\.patch_embeddings\.projection\.", "img_encoder.patch_embed.proj."),
+    (r"^vision_model\.embeddings\.layernorm\.", "img_encoder.patch_embed.norm."),
+    (r"^vision_model\.embeddings\.position_embeddings$", "img_encoder.pos_embed"),
+    (r"^vision_model\.layernorm\.", "img_encoder.norm."),
+    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm(\d)\.", r"img_encoder.layers.\1.blocks.\2.norm\3."),
+    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.", r"img_encoder.layers.\1.blocks.\2.attn.proj."),
+    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)", r"img_encoder.layers.\1.blocks.\2"),
+    (r"^vision_model\.encoder\.stages\.(\d+)\.", r"img_encoder.layers.\1."),
+    (r"pre_assign_attn\.attn\.out_proj\.", "pre_assign_attn.attn.proj."),
+    (r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"text_encoder.transformer.resblocks.\1.attn.out_proj."),
+    (r"^text_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"text_encoder.transformer.resblocks.\1.ln_\2."),
+    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.", r"text_encoder.transformer.resblocks.\1.mlp.c_fc."),
+    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.", r"text_encoder.transformer.resblocks.\1.mlp.c_proj."),
+    (r"^text_model\.encoder\.layers\.(\d+)", r"text_encoder.transformer.resblocks.\1"),
+    (r"^text_model\.embeddings\.position_embedding\.weight$", "text_encoder.positional_embedding"),
+    (r"^text_model\.embeddings\.token_embedding\.", "text_encoder.token_embedding."),
+    (r"^text_model\.final_layer_norm\.", "text_encoder.ln_final."),
+    (r"^visual_projection\.3\.", "img_projector.linear_out."),
+    (r"^visual_projection\.(\d+)\.", r"img_projector.linear_hidden.\1."),
+    (r"^text_projection\.3\.", "text_projector.linear_out."),
+    (r"^text_projection\.(\d+)\.", r"text_projector.linear_hidden.\1."),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and the CLI.
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_state_dict(path: str) -> StateDict:
+  """Reads a `.pth`/`.bin` (torch.load with weights_only=True, no code runs) or `.safetensors` file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return dict(load_file(path))
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("reading .pth/.bin files needs torch: pip install 'groupvit-jax[torch]'") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for foreign or corrupt files.
+    raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  for key in ("model", "state_dict"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+  return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str:
+  """'nvlabs' or 'hf', from the key names."""
+  if any(k.startswith(("img_encoder.", "text_encoder.")) for k in state_dict):
+    return "nvlabs"
+  if any(k.startswith(("vision_model.", "text_model.")) for k in state_dict):
+    return "hf"
+  first = next(iter(state_dict), "<empty>")
+  raise ValueError(f"not a GroupViT checkpoint: neither NVlabs nor HF names (first key: {first!r})")
+
+
+def import_state_dict(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                      fmt: str = "auto") -> dict[str, Any]:
+  """NVlabs or HF state dict -> our variables shaped like `template`."""
+  fmt = detect_format(state_dict) if fmt == "auto" else fmt
+  if fmt == "hf":
+    state_dict = hf_to_nvlabs(state_dict)
+  elif fmt != "nvlabs":
+    raise ValueError(f"format must be 'auto', 'nvlabs' or 'hf', got {fmt!r}")
+  return nvlabs_to_variables(state_dict, template)
+
+
+def export_hf(variables: Mapping[str, Any]) -> StateDict:
+  """Our variables -> an HF GroupViTModel state dict (loadable with `load_state_dict`)."""
+  return nvlabs_to_hf(variables_to_nvlabs(variables))
+
+
+def variables_template(config) -> dict[str, Any]:
+  """ShapeDtypeStructs of the model's variables for `config.model`, without allocating them."""
+  from groupvit_jax.models import build_model, init_variables  # pylint: disable=g-import-not-at-top
+  model = build_model(config.model)
+  return jax.eval_shape(lambda r: init_variables(model, r, config.model.image.image_size,
+                                                 config.model.text.context_length), jax.random.key(0))
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  config = config_lib.load_config(f.config)
+  template = variables_template(config)
+  if f.export_hf:
+    if not f.checkpoint:
+      raise flags.IllegalFlagValueError("--export_hf needs --checkpoint (a directory written by this tool)")
+    variables = checkpoint.load_variables(f.checkpoint, template)
+    sd = export_hf(variables)
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, f.export_hf)
+    print(f"wrote {len(sd)} tensors in HF GroupViTModel names to {f.export_hf}")
+    return
+  if not (f.input and f.output):
+    raise flags.IllegalFlagValueError("give --input and --output (import) or --checkpoint and --export_hf")
+  sd = load_state_dict(f.input)
+  variables = import_state_dict(sd, template, f.format)
+  checkpoint.save_variables(f.output, variables)
+  from groupvit_jax.models import count_params  # pylint: disable=g-import-not-at-top
+  print(f"imported {count_params(variables['params']):,} parameters from {f.input} "
+        f"({detect_format(sd) if f.format == 'auto' else f.format} format) to {f.output}")
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("config", None, "Config file (path[:arg]) whose model the weights must fit.",
+                      required=True)
+  flags.DEFINE_string("input", None, "NVlabs .pth or HF .bin/.safetensors file to import.")
+  flags.DEFINE_enum("format", "auto", ["auto", "nvlabs", "hf"], "Naming of --input.")
+  flags.DEFINE_string("output", None, "Directory for the imported Orbax checkpoint.")
+  flags.DEFINE_string("checkpoint", None, "Our checkpoint directory to export.")
+  flags.DEFINE_string("export_hf", None, "Write an HF-loadable .safetensors here.")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,155 @@
+"""GroupViT: image tower, text tower, BatchNorm projectors and the two logit scales."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from groupvit_jax.models.grouping import GroupViTImageEncoder
+from groupvit_jax.models.layers import (BatchNorm, Dtype, dense, param_with_axes, torch_default_bias,
+                                        torch_default_kernel)
+from groupvit_jax.models.text_transformer import TextTransformer
+
+
+class ProjectMLP(nn.Module):
+  """dim -> hidden -> out with BatchNorm and ReLU between (reference: ProjectMLP, Conv1d k=1).
+
+  Works on `[..., dim]`; BatchNorm treats all leading axes as the batch.
+  """
+  out_dim: int = 256
+  hidden_dim: int = 4096
+  num_layers: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.num_layers == 0:
+      return x
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    for i in range(self.num_layers - 1):
+      x = dense(self.hidden_dim, ("embed", "mlp"), name=f"linear_hidden_{i}", dtype=self.dtype,
+                kernel_init=torch_default_kernel, bias_init=torch_default_bias(x.shape[-1]))(x)
+      x = BatchNorm(dtype=self.dtype, name=f"bn_{i}")(x, use_running_average=not train)
+      x = nn.relu(x)
+    x = dense(self.out_dim, ("mlp", "embed"), name="linear_out", dtype=self.dtype,
+              kernel_init=torch_default_kernel, bias_init=torch_default_bias(x.shape[-1]))(x)
+    return x.reshape(lead + (self.out_dim,))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps), as torch.nn.functional.normalize."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+class GroupViT(nn.Module):
+  """The whole model. Build it from a config with `groupvit_jax.models.build_model`.
+
+  Variables: `params` (float32) and `batch_stats` (projector BatchNorm running statistics).
+  Rng streams when `train=True`: `gumbel` (assignment noise) and `dropout` (stochastic depth).
+  """
+  image: dict
+  text: dict
+  projection_dim: int = 256
+  projection_hidden_dim: int = 4096
+  projection_layers: int = 2
+  contrast_temperature: float = 0.07
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    self.img_encoder = GroupViTImageEncoder(**self.image, remat=self.remat, dtype=self.dtype)
+    self.text_encoder = TextTransformer(**self.text, remat=self.remat, dtype=self.dtype)
+    projector = lambda: ProjectMLP(self.projection_dim, self.projection_hidden_dim, self.projection_layers,
+                                   dtype=self.dtype)
+    self.img_projector = projector()
+    self.text_projector = projector()
+    init = nn.initializers.constant(np.log(1.0 / self.contrast_temperature))
+    self.logit_scale = param_with_axes(self, "logit_scale", init, (), ())
+    self.multi_label_logit_scale = param_with_axes(self, "multi_label_logit_scale", init, (), ())
+
+  def encode_image(self, images: jax.Array, train: bool = False, return_groups: bool = False
+                   ) -> dict[str, Any]:
+    """Images `[batch, height, width, 3]` (normalised) -> embeddings and grouping outputs.
+
+    Returns:
+      `image_embeds` `[batch, proj]` (not normalised), `tokens` `[batch, groups, dim]`,
+      `assignments` (per grouping stage `{"hard", "soft"}` `[batch, groups_out, tokens_in]`) and,
+      with `return_groups`, `group_embeds` `[batch, groups, proj]` (each final group projected).
+    """
+    out = self.img_encoder(images, train=train)
+    result = {"image_embeds": self.img_projector(out["pooled"], train=train),
+              "tokens": out["tokens"], "assignments": out["assignments"]}
+    if return_groups:
+      result["group_embeds"] = self.img_projector(out["tokens"], train=train)
+    return result
+
+  def encode_text(self, text: jax.Array, train: bool = False) -> jax.Array:
+    """Token ids `[..., length]` -> text embeddings `[..., proj]` (not normalised).
+
+    All texts go through the projector's BatchNorm as one batch, as the reference runs caption and
+    prompts in one pass.
+    """
+    return self.text_projector(self.text_encoder(text), train=train)
+
+  def logit_scales(self) -> tuple[jax.Array, jax.Array]:
+    """exp of the two learnable logit scales, clamped at 100 as in the reference."""
+    return (jnp.minimum(jnp.exp(self.logit_scale), 100.0),
+            jnp.minimum(jnp.exp(self.multi_label_logit_scale), 100.0))
+
+  def __call__(self, images: jax.Array, text: jax.Array, train: bool = False) -> dict[str, Any]:
+    """Forward for training.
+
+    Args:
+      images: `[batch, height, width, 3]`.
+      text: `[batch, length]` captions, or `[batch, 1 + K, length]` caption followed by K prompts.
+      train: batch statistics, gumbel noise and stochastic depth when True.
+    Returns:
+      dict with `image_embeds` `[batch, proj]`, `text_embeds` `[batch, proj]`, `prompt_embeds`
+      `[batch, K, proj]` (only with prompts), `logit_scale`, `multi_label_logit_scale` (clamped exps).
+    """
+    image = self.encode_image(images, train=train)
+    text_embeds = self.encode_text(text, train=train)
+    scale, ml_scale = self.logit_scales()
+    out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": ml_scale}
+    if text.ndim == 3:
+      out["text_embeds"] = text_embeds[:, 0]
+      out["prompt_embeds"] = text_embeds[:, 1:]
+    else:
+      out["text_embeds"] = text_embeds
+    return out
+
+
+def init_variables(model: GroupViT, rng: jax.Array, image_size: int, context_length: int,
+                   batch: int = 2) -> dict[str, Any]:
+  """Initialises the model on dummy inputs; returns boxed (logically annotated) variables."""
+  images = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+  text = jnp.zeros((batch, context_length), jnp.int32)
+  params_rng, gumbel_rng, dropout_rng = jax.random.split(rng, 3)
+  return model.init({"params": params_rng, "gumbel": gumbel_rng, "dropout": dropout_rng}, images, text,
+                    train=False)
+
+
+def count_params(params: Any) -> int:
+  """Total number of parameter scalars."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
+
+
+def soft_assignment_to_final_groups(assignments: list[dict[str, jax.Array]], key: str = "soft"
+                                    ) -> jax.Array:
+  """Chains per-stage maps into each patch's distribution over the final groups.
+
+  Args:
+    assignments: per stage, `[batch, groups_out, tokens_in]` maps.
+    key: "soft" (the evaluation protocol) or "hard".
+  Returns:
+    `[batch, patches, final_groups]`.
+  """
+  chained: Optional[jax.Array] = None
+  for maps in assignments:
+    m = jnp.swapaxes(maps[key].astype(jnp.float32), 1, 2)  # [batch, tokens_in, groups_out]
+    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)
+  return chained

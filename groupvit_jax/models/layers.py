@@ -1,0 +1,208 @@
+"""Building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (see `groupvit_jax.sharding`) so the trainer can shard it;
+compute runs in `dtype` over float32 parameters, with softmaxes kept in float32.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# The reference (PyTorch) LayerNorm epsilon; Flax's default is 1e-6.
+LN_EPS = 1e-5
+
+normal = nn.initializers.normal
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+# PyTorch's default Linear/Conv weight init: kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+  """PyTorch's default Linear/Conv bias init: U(±1/sqrt(fan_in))."""
+  bound = fan_in**-0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+                    axes: tuple[Optional[str], ...]) -> jax.Array:
+  """Declares a float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
+
+
+def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str, dtype: Dtype,
+          std: float = 0.02, use_bias: bool = True, kernel_init: Optional[Initializer] = None,
+          bias_init: Optional[Initializer] = None) -> nn.Dense:
+  """A Dense layer with N(0, std) kernel (the reference's Linear init) and logical axes."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(kernel_init or normal(std), axes),
+      bias_init=nn.with_logical_partitioning(bias_init or zeros, (axes[1],)),
+      name=name)
+
+
+def layer_norm(name: str, dtype: Dtype, axis_name: str = "embed") -> nn.LayerNorm:
+  """LayerNorm with the reference's epsilon, float32 statistics and logical axes."""
+  return nn.LayerNorm(
+      epsilon=LN_EPS,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(ones, (axis_name,)),
+      bias_init=nn.with_logical_partitioning(zeros, (axis_name,)),
+      name=name)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """GELU with erf, as PyTorch's nn.GELU() (not the tanh approximation)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> fc2 over the last axis.
+
+  With `mix_tokens`, the MLP runs across the token axis instead ([B, N, C] -> [B, M, C]),
+  as the reference's MixerMlp / token-mixing MLP does.
+  """
+  hidden: int
+  out: int
+  dtype: Dtype = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = exact_gelu
+  mix_tokens: bool = False
+  fc1_std: float = 0.02
+  fc2_std: float = 0.02
+  axes: tuple[str, str, str] = ("embed", "mlp", "embed")
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.mix_tokens:
+      x = jnp.swapaxes(x, -1, -2)
+    x = dense(self.hidden, self.axes[:2], name="fc1", dtype=self.dtype, std=self.fc1_std)(x)
+    x = self.activation(x)
+    x = dense(self.out, self.axes[1:], name="fc2", dtype=self.dtype, std=self.fc2_std)(x)
+    if self.mix_tokens:
+      x = jnp.swapaxes(x, -1, -2)
+    return x
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+              mask: Optional[jax.Array] = None) -> jax.Array:
+  """Multi-head scaled dot-product attention with a float32 softmax.
+
+  Args:
+    q: [batch, queries, dim]; k, v: [batch, keys, dim].
+    num_heads: heads to split `dim` into.
+    mask: optional additive mask broadcastable to [batch, heads, queries, keys].
+  Returns:
+    [batch, queries, dim] in q's dtype.
+  """
+  b, n, c = q.shape
+  s = k.shape[1]
+  head_dim = c // num_heads
+  q = q.reshape(b, n, num_heads, head_dim)
+  k = k.reshape(b, s, num_heads, head_dim)
+  v = v.reshape(b, s, num_heads, head_dim)
+  logits = jnp.einsum("bnhd,bshd->bhns", q, k).astype(jnp.float32) * head_dim**-0.5
+  if mask is not None:
+    logits = logits + mask
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhns,bshd->bnhd", weights, v)
+  return out.reshape(b, n, c)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with one fused q|k|v projection (names as the reference's)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  qkv_name: str = "qkv"
+  out_name: str = "proj"
+  qkv_std: float = 0.02
+  out_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    c = x.shape[-1]
+    qkv = dense(3 * c, ("embed", "heads"), name=self.qkv_name, dtype=self.dtype, std=self.qkv_std)(x)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    out = attention(q, k, v, self.num_heads, mask)
+    return dense(c, ("heads", "embed"), name=self.out_name, dtype=self.dtype, std=self.out_std)(out)
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention from queries to separate keys/values (q_proj, k_proj, v_proj, proj)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: jax.Array, key: jax.Array) -> jax.Array:
+    c = query.shape[-1]
+    proj = lambda name: dense(c, ("embed", "heads"), name=name, dtype=self.dtype)
+    out = attention(proj("q_proj")(query), proj("k_proj")(key), proj("v_proj")(key), self.num_heads)
+    return dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample (rng stream 'dropout')."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm1d with PyTorch semantics over all leading axes.
+
+  Differs from flax.linen.BatchNorm in what the reference needs for identical training: the running
+  variance is updated with the *unbiased* batch variance, and momentum is PyTorch's (weight of the
+  new batch, 0.1). On global (jit-sharded) arrays the statistics span the whole global batch, which
+  is what the reference's SyncBatchNorm computes.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  axis_name: str = "mlp"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    features = x.shape[-1]
+    scale = param_with_axes(self, "scale", ones, (features,), (self.axis_name,))
+    bias = param_with_axes(self, "bias", zeros, (features,), (self.axis_name,))
+    # Running statistics are tiny ([features]) and stay replicated, so they carry no axis names.
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      reduce_axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=reduce_axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=reduce_axes)
+      if not self.is_initializing():
+        n = x.size // features
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)

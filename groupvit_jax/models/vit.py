@@ -1,0 +1,84 @@
+"""ViT pieces of the image tower: patch embedding, position embedding and pre-norm blocks."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from groupvit_jax.models import interpolate
+from groupvit_jax.models.layers import (Dtype, DropPath, Mlp, SelfAttention, layer_norm, param_with_axes,
+                                        torch_default_bias, torch_default_kernel, normal)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch convolution followed by LayerNorm.
+
+  Input `[batch, height, width, 3]` -> `[batch, height/p * width/p, dim]` (row-major patches).
+  """
+  patch_size: int
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    p = self.patch_size
+    b, h, w, c = images.shape
+    if h % p or w % p:
+      raise ValueError(f"image size {h}x{w} must be divisible by the patch size {p}")
+    fan_in = p * p * c
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(torch_default_kernel,
+                                                         (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(torch_default_bias(fan_in), ("embed",)),
+                name="proj")(images.astype(self.dtype))
+    grid = (h // p, w // p)
+    x = x.reshape(b, grid[0] * grid[1], self.dim)
+    return layer_norm("norm", self.dtype)(x), grid
+
+
+class PositionEmbedding(nn.Module):
+  """Learned position embedding for a square patch grid, resized bicubically for other grids.
+
+  The resize reproduces PyTorch's F.interpolate(mode='bicubic', align_corners=False), as the
+  reference does for inputs larger than its training size (e.g. 448-px sliding windows).
+  """
+  grid_size: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, grid: tuple[int, int]) -> jax.Array:
+    pos = param_with_axes(self, "pos_embed", normal(0.02),
+                          (1, self.grid_size * self.grid_size, self.dim), (None, "patches", "embed"))
+    if tuple(grid) == (self.grid_size, self.grid_size):
+      return pos
+    return resize_pos_embed(pos, self.grid_size, grid)
+
+
+def resize_pos_embed(pos: jax.Array, grid_size: int, new_grid: tuple[int, int]) -> jax.Array:
+  """Bicubic (a=-0.75) resize of a `[1, grid*grid, dim]` embedding to `[1, h*w, dim]`."""
+  dim = pos.shape[-1]
+  pos = pos.reshape(1, grid_size, grid_size, dim)
+  pos = interpolate.resize_2d(pos, tuple(new_grid), "bicubic")
+  return pos.reshape(1, new_grid[0] * new_grid[1], dim)
+
+
+class AttnBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x)) (reference: AttnBlock)."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    dim = x.shape[-1]
+    drop = DropPath(self.drop_path)
+    y = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x),
+                                                                      mask)
+    x = x + drop(y, deterministic)
+    y = Mlp(int(dim * self.mlp_ratio), dim, dtype=self.dtype, name="mlp")(layer_norm("norm2", self.dtype)(x))
+    x = x + drop(y, deterministic)
+    return nn.with_logical_constraint(x, ("batch", "tokens", "embed"))
