@@ -3,6 +3,7 @@
 import os
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -33,8 +34,8 @@ def load_variables(directory: str, template: Mapping[str, Any] | None = None) ->
         return ckptr.restore(directory)
       target = jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=getattr(x, "sharding", None)),
-          dict(template))
+          nn.unbox(dict(template)))
       return ckptr.restore(directory, target)
     except Exception as e:  # Orbax raises many types; the path is what the user needs.
       raise ValueError(f"{directory}: not a readable groupvit-jax checkpoint ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                       f"{str(e)[:300]})") from None

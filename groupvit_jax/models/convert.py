@@ -100,6 +100,8 @@ def nvlabs_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[
         raise ValueError(f"checkpoint has no parameter {key!r} (needed for {'/'.join(path)}, "
                          f"shape {tuple(leaf.shape)})")
       value = _to_ours(key, state_dict[key], tuple(leaf.shape))
+      if leaf.shape == () and value.size == 1:
+        value = value.reshape(())  # Some checkpoints store the logit scales as [1].
       if key.endswith("pos_embed") and value.shape != tuple(leaf.shape) and value.shape[-1] == leaf.shape[-1]:
         old, new = int(round(value.shape[1]**0.5)), int(round(leaf.shape[1]**0.5))
         value = np.asarray(resize_pos_embed(value.astype(np.float32), old, (new, new)))
@@ -123,8 +125,8 @@ def variables_to_nvlabs(variables: Mapping[str, Any]) -> StateDict:
     for path, value in _flat(tree).items():
       key = nvlabs_key(path)
       value = _to_torch(key, np.asarray(value, np.float32))
-      if "projector.linear" in key and key.endswith("weight"):
-        value = value[..., None]
+      if "projector.linear" in key and key.endswith("weight") and value.ndim == 2:
+        value = value[..., None]  # Linear -> Conv1d(kernel_size=1)
       sd[key] = value
   return sd
 
@@ -259,7 +261,7 @@ def load_state_dict(path: str) -> StateDict:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for foreign or corrupt files.
     raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                     f"{str(e)[:300]})") from None
   for key in ("model", "state_dict"):
     if isinstance(obj, dict) and isinstance(obj.get(key), dict):
       obj = obj[key]

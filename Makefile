@@ -1,0 +1,18 @@
+# groupvit-jax: the README's two commands are `make demo` and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP) install -q -e '.[test,torch]'
+
+demo: install
+	$(PYTHON) -m groupvit_jax.models.summary --config=configs/groupvit_s.py
+
+test: install
+	$(PYTHON) -m pytest -q -n 2 --durations=15 tests
+
+bench: install
+	$(PYTHON) -m benchmarks.train_step --config=configs/tiny.py

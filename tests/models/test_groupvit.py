@@ -1,0 +1,170 @@
+"""Behaviour of the Flax modules: straight-through assignment, resize, BatchNorm, bf16, remat."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from groupvit_jax import config_lib
+from groupvit_jax.models import build_model, init_variables
+from groupvit_jax.models.grouping import assignment_probs
+from groupvit_jax.models.layers import BatchNorm
+from groupvit_jax.models.vit import resize_pos_embed
+
+
+def _tiny(**overrides):
+  config = config_lib.load_config("configs/tiny.py")
+  config.model.update(overrides)
+  return config
+
+
+def _init(config, seed=0):
+  model = build_model(config.model)
+  init = jax.jit(lambda r: init_variables(model, r, config.model.image.image_size,
+                                          config.model.text.context_length))
+  variables = nn.unbox(init(jax.random.key(seed)))
+  return model, variables
+
+
+def _batch(config, batch=4, seed=0):
+  rng = np.random.RandomState(seed)
+  size, ctx = config.model.image.image_size, config.model.text.context_length
+  images = jnp.asarray(rng.randn(batch, size, size, 3), jnp.float32)
+  text = rng.randint(1, config.model.text.vocab_size - 1, size=(batch, 3, ctx)).astype(np.int32)
+  text[..., -1] = config.model.text.vocab_size - 1
+  return images, jnp.asarray(text)
+
+
+def test_hard_assignment_is_exactly_one_hot_with_soft_gradients():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  hard = assignment_probs(logits, hard=True, gumbel_key=None)
+  assert np.all(np.asarray(hard.sum(axis=1)) == 1.0)
+  assert set(np.unique(np.asarray(hard))) <= {0.0, 1.0}
+  weights = jax.random.normal(jax.random.key(1), logits.shape)
+  g_hard = jax.grad(lambda l: jnp.sum(assignment_probs(l, hard=True, gumbel_key=None) * weights))(logits)
+  g_soft = jax.grad(lambda l: jnp.sum(assignment_probs(l, hard=False, gumbel_key=None) * weights))(logits)
+  np.testing.assert_allclose(g_hard, g_soft, rtol=0, atol=1e-7)  # straight-through: soft gradients
+  assert float(jnp.abs(g_hard).max()) > 0
+
+
+def test_gumbel_noise_comes_from_the_gumbel_stream():
+  logits = jnp.zeros((1, 4, 50))
+  a = assignment_probs(logits, hard=True, gumbel_key=jax.random.key(0))
+  b = assignment_probs(logits, hard=True, gumbel_key=jax.random.key(0))
+  c = assignment_probs(logits, hard=True, gumbel_key=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # With equal logits, noise alone picks the groups: more than one group must be used.
+  assert len(np.unique(np.asarray(a.argmax(axis=1)))) > 1
+
+
+def test_gradients_reach_group_tokens_and_assignment_projections():
+  config = _tiny()
+  model, variables = _init(config)
+  images, text = _batch(config)
+
+  def loss(params):
+    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, text, train=True,
+                         rngs={"gumbel": jax.random.key(1), "dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    sim = out["image_embeds"] @ out["text_embeds"].T
+    return jnp.mean(sim**2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  img = grads["img_encoder"]
+  for name, g in [("stage-1 group tokens", img["layers_0"]["group_token"]),
+                  ("stage-2 group tokens", img["layers_1"]["group_token"]),
+                  ("stage-1 assign q_proj", img["layers_0"]["downsample"]["assign"]["q_proj"]["kernel"]),
+                  ("stage-1 assign k_proj", img["layers_0"]["downsample"]["assign"]["k_proj"]["kernel"]),
+                  ("stage-2 assign k_proj", img["layers_1"]["downsample"]["assign"]["k_proj"]["kernel"])]:
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)), name
+    assert np.abs(g).max() > 0, f"{name} got no gradient"
+
+
+def test_train_mode_is_deterministic_given_rngs_and_updates_batch_stats():
+  config = _tiny()
+  config.model.image.drop_path_rate = 0.1
+  model, variables = _init(config)
+  images, text = _batch(config)
+  rngs = lambda s: {"gumbel": jax.random.key(s), "dropout": jax.random.key(s + 100)}
+  run = jax.jit(lambda v, r: model.apply(v, images, text, train=True, rngs=r, mutable=["batch_stats"]))
+  (a, stats_a), (b, _), (c, _) = run(variables, rngs(0)), run(variables, rngs(0)), run(variables, rngs(1))
+  np.testing.assert_array_equal(a["image_embeds"], b["image_embeds"])
+  assert not np.allclose(a["image_embeds"], c["image_embeds"])
+  old = variables["batch_stats"]["img_projector"]["bn_0"]["mean"]
+  assert not np.allclose(stats_a["batch_stats"]["img_projector"]["bn_0"]["mean"], old)
+
+
+def test_batchnorm_matches_torch_batchnorm1d_in_training():
+  x = np.random.RandomState(0).randn(6, 5, 8).astype(np.float32)  # [batch, tokens, features]
+  bn = BatchNorm()
+  variables = bn.init(jax.random.key(0), jnp.asarray(x), use_running_average=False)
+  y, updated = bn.apply(variables, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"])
+  ref = torch.nn.BatchNorm1d(8, momentum=0.1, eps=1e-5).train()
+  y_ref = ref(torch.from_numpy(x).permute(0, 2, 1)).permute(0, 2, 1).detach().numpy()
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_allclose(updated["batch_stats"]["mean"], ref.running_mean.numpy(), atol=1e-6)
+  np.testing.assert_allclose(updated["batch_stats"]["var"], ref.running_var.numpy(), atol=1e-6)
+
+
+def test_pos_embed_resize_for_448_matches_pytorch_bicubic():
+  pos = np.random.RandomState(0).randn(1, 196, 384).astype(np.float32)
+  ours = np.asarray(resize_pos_embed(jnp.asarray(pos), 14, (28, 28)))
+  grid = torch.from_numpy(pos).reshape(1, 14, 14, 384).permute(0, 3, 1, 2)
+  ref = F.interpolate(grid, size=(28, 28), mode="bicubic", align_corners=False)
+  ref = ref.permute(0, 2, 3, 1).reshape(1, 784, 384).numpy()
+  err = np.abs(ours - ref).max()
+  assert err <= 1e-5, err
+  # jax.image.resize's bicubic (a=-0.5) is measurably different: the reason for our own kernel.
+  jax_resized = jax.image.resize(jnp.asarray(pos).reshape(1, 14, 14, 384), (1, 28, 28, 384), "bicubic")
+  assert np.abs(np.asarray(jax_resized).reshape(1, 784, 384) - ref).max() > 1e-3
+
+
+def test_model_runs_at_other_input_sizes_with_resized_pos_embed():
+  config = _tiny()
+  model, variables = _init(config)
+  images = jnp.ones((1, 48, 64, 3))
+  out = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))(variables, images)
+  assert out["assignments"][0]["soft"].shape == (1, 8, (48 // 4) * (64 // 4))
+
+
+def test_bf16_forward_stays_close_to_fp32():
+  config = _tiny()
+  model32, variables = _init(config)
+  config.model.dtype = "bfloat16"
+  model16 = build_model(config.model)
+  images, text = _batch(config, batch=8)
+  e32 = jax.jit(model32.apply)(variables, images, text)
+  e16 = jax.jit(model16.apply)(variables, images, text)
+  for key in ("image_embeds", "text_embeds"):
+    a = np.asarray(e32[key] / jnp.linalg.norm(e32[key], axis=-1, keepdims=True))
+    b = np.asarray(e16[key].astype(jnp.float32))
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    cos = np.sum(a * b, axis=-1)
+    # Documented tolerance (README): cosine similarity of bf16 vs fp32 embeddings >= 0.99.
+    assert cos.min() >= 0.99, (key, cos.min())
+
+
+def test_remat_gives_identical_outputs_and_gradients():
+  config = _tiny()
+  model, variables = _init(config)
+  config.model.remat = True
+  model_remat = build_model(config.model)
+  images, text = _batch(config)
+  loss = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, images, text)["image_embeds"]**2)))(variables["params"])
+  g, g_remat = loss(model), loss(model_remat)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_remat)
+
+
+def test_short_text_gives_the_same_feature_as_full_context():
+  config = _tiny()
+  model, variables = _init(config)
+  ctx, vocab = config.model.text.context_length, config.model.text.vocab_size
+  text = np.zeros((2, ctx), np.int32)
+  text[:, :4] = [[vocab - 2, 5, 9, vocab - 1], [vocab - 2, 7, vocab - 1, 0]]
+  full = model.apply(variables, jnp.asarray(text), method=model.encode_text)
+  short = model.apply(variables, jnp.asarray(text[:, :6]), method=model.encode_text)
+  np.testing.assert_allclose(full, short, atol=1e-5)
