@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "ftfy==6.3.1",
     "regex==2026.5.9",
     "safetensors==0.8.0",
+    "importlib-resources==7.1.0",  # tensorflow-datasets 4.9.10 imports it without requiring it.
+    "textblob==0.20.1",  # offline POS tagger: builds the noun lexicon, precomputes nouns in shard conversion.
 ]
 
 EXTRAS = {

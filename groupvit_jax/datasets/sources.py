@@ -1,0 +1,139 @@
+"""Image-text sources: TFRecord shards (img2dataset schema), any TFDS dataset, the shapes world.
+
+Every source yields an infinite, deterministically shuffled stream of this host's share of examples
+`{"image": encoded bytes or uint8 [h, w, 3], "text": caption, optional "nouns": [n] strings}`;
+`mixed_source` samples several by weight. Given the seed, the stream is a fixed sequence, which is what
+makes the pipeline resumable by position (see input_pipeline.py).
+"""
+
+from typing import Any, Sequence
+
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def expand_patterns(patterns: Sequence[str]) -> list[str]:
+  """Globs (local or gs://) -> sorted file list; raises naming the pattern that matched nothing."""
+  files = []
+  for pattern in patterns:
+    matched = sorted(tf.io.gfile.glob(pattern))
+    if not matched:
+      raise FileNotFoundError(f"no files match {pattern!r}")
+    files.extend(matched)
+  return files
+
+
+def _host_files(files: list[str], process_index: int, process_count: int):
+  """This host's files if there are enough to split by file, else all files and an element shard."""
+  if len(files) >= process_count:
+    return files[process_index::process_count], None
+  return files, (process_count, process_index)
+
+
+def tfrecord_source(patterns: Sequence[str], *, seed: int, process_index: int = 0, process_count: int = 1,
+                    image_key: str = "jpg", text_key: str = "txt", shuffle_buffer: int = 10_000,
+                    cycle_length: int = 16) -> tf.data.Dataset:
+  """TFRecords of tf.train.Example with image bytes under `image_key` and the caption under `text_key`.
+
+  This is img2dataset's `--output_format tfrecord` schema (`key`, `jpg`, `txt`, ...). A `nouns` bytes
+  list, written by our webdataset converter, is used when present.
+  """
+  files, element_shard = _host_files(expand_patterns(patterns), process_index, process_count)
+  spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
+          text_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
+          "nouns": tf.io.VarLenFeature(tf.string)}
+
+  def parse(record):
+    ex = tf.io.parse_single_example(record, spec)
+    return {"image": ex[image_key], "text": ex[text_key], "nouns": tf.sparse.to_dense(ex["nouns"])}
+
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  # Files reshuffled every epoch, deterministically from the seed.
+  ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)), block_length=1,
+                     num_parallel_calls=AUTOTUNE, deterministic=True)
+  if element_shard:
+    ds = ds.shard(*element_shard)
+  ds = ds.shuffle(shuffle_buffer, seed=seed + 1)
+  return ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _get_path(ex: dict[str, Any], path: str):
+  for part in path.split("/"):
+    ex = ex[part]
+  return ex
+
+
+def tfds_source(name: str, split: str, *, seed: int, process_index: int = 0, process_count: int = 1,
+                data_dir: str | None = None, image_key: str = "image", text_key: str = "caption",
+                shuffle_buffer: int = 10_000, prepare: bool = False) -> tf.data.Dataset:
+  """Any TFDS dataset with an image and a caption feature (`text_key` may be a path: "captions/text";
+  a caption list contributes its first caption). Images stay encoded until the pp ops decode them."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.datasets import shapes_tfds  # pylint: disable=g-import-not-at-top,unused-import  (registers)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"TFDS dataset {name!r} is not known to tensorflow_datasets") from None
+  if prepare:
+    builder.download_and_prepare()
+  elif not tf.io.gfile.exists(builder.data_dir):
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir!r}")
+  host_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=4)
+  decoders = {image_key.split("/")[0]: tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=host_split, shuffle_files=True, read_config=read_config, decoders=decoders)
+
+  def convert(ex):
+    text = _get_path(ex, text_key)
+    if text.shape.rank:
+      text = text[0]
+    out = {"image": _get_path(ex, image_key), "text": text}
+    if "nouns" in ex:
+      out["nouns"] = ex["nouns"]
+    return out
+
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + 1)
+  return ds.map(convert, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def shapes_source(config: str = "size64", split: str = "train", *, data_dir: str, seed: int,
+                  process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 10_000,
+                  use_nouns: bool = False) -> tf.data.Dataset:
+  """The shapes world through its TFDS builder, generated locally on first use.
+
+  By default its ground-truth noun list is dropped, so nouns come from the captions as for real data.
+  """
+  ds = tfds_source(f"shapes_world/{config}", split, seed=seed, process_index=process_index,
+                   process_count=process_count, data_dir=data_dir, image_key="image", text_key="caption",
+                   shuffle_buffer=shuffle_buffer, prepare=True)
+  if not use_nouns:
+    ds = ds.map(lambda ex: {"image": ex["image"], "text": ex["text"]})
+  return ds
+
+
+def build_source(cfg: Any, *, seed: int, process_index: int, process_count: int) -> tf.data.Dataset:
+  """One source from its config dict (`kind`: tfrecord | tfds | shapes, plus that kind's arguments)."""
+  kwargs = {k: v for k, v in dict(cfg).items() if k not in ("kind", "weight")}
+  common = dict(seed=seed, process_index=process_index, process_count=process_count)
+  builders = {"tfrecord": tfrecord_source, "tfds": tfds_source, "shapes": shapes_source}
+  if cfg["kind"] not in builders:
+    raise ValueError(f"unknown data source kind {cfg['kind']!r}; expected one of {sorted(builders)}")
+  ds = builders[cfg["kind"]](**kwargs, **common)
+  # Sources agree on one structure so they can be mixed.
+  return ds.map(lambda ex: {"image": ex["image"], "text": ex["text"],
+                            "nouns": ex.get("nouns", tf.zeros([0], tf.string))})
+
+
+def mixed_source(cfgs: Sequence[Any], *, seed: int, process_index: int = 0, process_count: int = 1
+                 ) -> tf.data.Dataset:
+  """Samples the configured sources by their `weight` (default 1), deterministically from the seed."""
+  if not cfgs:
+    raise ValueError("input.data lists no source")
+  datasets = [build_source(c, seed=seed + 7919 * i, process_index=process_index, process_count=process_count)
+              for i, c in enumerate(cfgs)]
+  if len(datasets) == 1:
+    return datasets[0]
+  weights = [float(dict(c).get("weight", 1.0)) for c in cfgs]
+  return tf.data.Dataset.sample_from_datasets(datasets, weights=weights, seed=seed, rerandomize_each_iteration=False)

@@ -1,0 +1,184 @@
+"""Per-example preprocessing ops, composed from a string: "decode|random_resized_crop(224)|flip|normalize".
+
+Each op maps a features dict to a features dict inside the TF graph. Randomness is stateless and keyed
+by `features["_seed"]` (int64 [2], derived from the example's index in the stream), so the same example
+gets the same crop whatever the parallelism, and a resumed pipeline reproduces it. New ops register
+with `@register("name")`.
+"""
+
+import ast
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from groupvit_jax.pp import nouns as nouns_lib
+from groupvit_jax.pp.templates import get_templates
+
+Features = dict[str, Any]
+Op = Callable[[Features], Features]
+_REGISTRY: dict[str, Callable[..., Op]] = {}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Images above this many pixels are skipped (and counted) rather than decoded.
+DEFAULT_MAX_PIXELS = 80_000_000
+
+
+def register(name: str):
+  def wrap(fn):
+    _REGISTRY[name] = fn
+    return fn
+  return wrap
+
+
+def parse(spec: str) -> Op:
+  """Parses "op1(args)|op2|..." into one function of a features dict."""
+  ops = []
+  for part in filter(None, (p.strip() for p in spec.split("|"))):
+    call = ast.parse(part if "(" in part else part + "()", mode="eval").body
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+      raise ValueError(f"pp op {part!r}: expected name or name(args)")
+    name = call.func.id
+    if name not in _REGISTRY:
+      raise ValueError(f"unknown pp op {name!r} in {spec!r}; known: {sorted(_REGISTRY)}")
+    args = [ast.literal_eval(a) for a in call.args]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    ops.append(_REGISTRY[name](*args, **kwargs))
+
+  def apply(features: Features) -> Features:
+    for op in ops:
+      features = op(features)
+    return features
+
+  return apply
+
+
+def _seed(features: Features, salt: int) -> tf.Tensor:
+  return tf.random.experimental.stateless_fold_in(features["_seed"], salt)
+
+
+def _is_jpeg(data: tf.Tensor) -> tf.Tensor:
+  return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def _check_size(data: tf.Tensor, max_pixels: int) -> tf.Tensor:
+  """Raises (so the example is skipped) when a JPEG's header announces more than max_pixels."""
+  def jpeg_pixels():
+    shape = tf.io.extract_jpeg_shape(data)
+    return tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+  pixels = tf.cond(_is_jpeg(data), jpeg_pixels, lambda: tf.constant(0, tf.int64))
+  return tf.debugging.assert_less_equal(pixels, tf.constant(max_pixels, tf.int64),
+                                        message="image larger than max_pixels")
+
+
+def _decode(data: tf.Tensor, max_pixels: int) -> tf.Tensor:
+  """JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]; grayscale, CMYK and alpha become RGB."""
+  with tf.control_dependencies([_check_size(data, max_pixels)]):
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+@register("decode")
+def decode(max_pixels: int = DEFAULT_MAX_PIXELS, key: str = "image") -> Op:
+  """Encoded image bytes -> uint8 RGB (no-op for already decoded images)."""
+  def op(f):
+    if f[key].dtype == tf.string:
+      f[key] = _decode(f[key], max_pixels)
+    return f
+  return op
+
+
+def _crop_window(shape: tf.Tensor, seed: tf.Tensor, scale, ratio) -> tf.Tensor:
+  """Inception-style random crop window [y, x, h, w] (stateless)."""
+  bbox = tf.zeros([1, 0, 4], tf.float32)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bbox, seed=seed, min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+@register("random_resized_crop")
+def random_resized_crop(size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), max_pixels: int = DEFAULT_MAX_PIXELS,
+                        key: str = "image") -> Op:
+  """Random area/aspect crop resized to size x size (bilinear). Decodes only the crop of a JPEG."""
+  def op(f):
+    seed = _seed(f, 10)
+    data = f[key]
+    if data.dtype == tf.string:
+      def from_jpeg():
+        with tf.control_dependencies([_check_size(data, max_pixels)]):
+          shape = tf.io.extract_jpeg_shape(data)
+        window = _crop_window(tf.concat([shape[:2], [3]], 0), seed, scale, ratio)
+        return tf.io.decode_and_crop_jpeg(data, window, channels=3)
+
+      def other():
+        image = _decode(data, max_pixels)
+        w = _crop_window(tf.shape(image), seed, scale, ratio)
+        return image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+      crop = tf.cond(_is_jpeg(data), from_jpeg, other)
+    else:
+      w = _crop_window(tf.shape(data), seed, scale, ratio)
+      crop = data[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+    crop = tf.ensure_shape(crop, [None, None, 3])
+    f[key] = tf.cast(tf.clip_by_value(tf.image.resize(crop, [size, size]), 0, 255), tf.uint8)
+    return f
+  return op
+
+
+@register("resize")
+def resize(size: int, key: str = "image") -> Op:
+  """Resizes to size x size, bilinear (no crop)."""
+  def op(f):
+    f[key] = tf.cast(tf.clip_by_value(tf.image.resize(f[key], [size, size]), 0, 255), tf.uint8)
+    return f
+  return op
+
+
+@register("flip")
+def flip(key: str = "image") -> Op:
+  """Random horizontal flip (probability 0.5)."""
+  def op(f):
+    f[key] = tf.image.stateless_random_flip_left_right(f[key], seed=_seed(f, 20))
+    return f
+  return op
+
+
+@register("normalize")
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, key: str = "image") -> Op:
+  """uint8 -> float32 (x / 255 - mean) / std, ImageNet statistics by default."""
+  def op(f):
+    x = tf.cast(f[key], tf.float32) / 255.0
+    f[key] = (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    return f
+  return op
+
+
+@register("nouns")
+def nouns(singular: bool = True) -> Op:
+  """Extracts the caption's nouns into "nouns", unless the source precomputed a non-empty list."""
+  extractor = nouns_lib.NounExtractor(singular=singular)
+
+  def op(f):
+    extracted = extractor.extract(f["text"])
+    if "nouns" in f:
+      given = f["nouns"]
+      f["nouns"] = tf.cond(tf.size(given) > 0, lambda: given, lambda: extracted)
+    else:
+      f["nouns"] = extracted
+    return f
+  return op
+
+
+@register("prompts")
+def prompts(k: int = 3, templates: str = "full") -> Op:
+  """K multi-label prompts from the nouns ("a photo of a {noun}."); short of nouns, the caption fills in.
+
+  Adds "prompts" [k] and "no_nouns" (1 when the caption had no noun at all, for the counters).
+  """
+  template_list = get_templates(templates)
+
+  def op(f):
+    f["prompts"], m = nouns_lib.make_prompts(f["text"], f["nouns"], k, _seed(f, 30), template_list)
+    f["no_nouns"] = tf.cast(tf.equal(m, 0), tf.int32)
+    return f
+  return op
