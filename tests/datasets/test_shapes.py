@@ -1,0 +1,67 @@
+"""The shapes world: deterministic, masks that match the pixels, captions that name the objects."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from groupvit_jax.datasets import shapes
+
+
+def test_same_seed_same_example_and_seeds_differ():
+  a, b = shapes.render(0, 5, 64), shapes.render(0, 5, 64)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["mask"], b["mask"])
+  assert a["caption"] == b["caption"]
+  c = shapes.render(1, 5, 64)
+  assert not np.array_equal(a["image"], c["image"])
+
+
+def test_masks_match_rendered_pixels():
+  for i in range(60):
+    ex = shapes.render(3, i, 64)
+    image, mask = ex["image"], ex["mask"]
+    object_colors = {shapes.CLASSES.index(o["class"]) + 1: shapes.COLORS[o["color"]] for o in ex["objects"]}
+    assert set(np.unique(mask)) - {0} == set(object_colors), ex
+    for cls, color in object_colors.items():
+      # Every pixel of an object's visible mask has the object's colour ...
+      assert np.all(image[mask == cls] == color)
+    # ... and background pixels never have the colour of an object the background could hide.
+    bg = image[mask == 0]
+    bg_colors = {tuple(c) for c in bg.reshape(-1, 3)[:: max(1, len(bg) // 500)]}
+    for color in object_colors.values():
+      if ex["background"] in ("solid", "stripes", "checkerboard"):
+        assert tuple(color) not in bg_colors
+
+
+def test_captions_name_every_visible_object_and_sizes_hold():
+  counts = {n: 0 for n in (1, 2, 3)}
+  for i in range(200):
+    ex = shapes.render(0, i, 64)
+    for noun in ex["nouns"]:
+      assert noun in ex["caption"], (noun, ex["caption"])
+    for o in ex["objects"]:
+      assert 0.2 <= o["size"] <= 0.5
+    assert len(set(ex["nouns"])) == len(ex["nouns"])  # distinct classes
+    counts[len(ex["objects"])] += 1
+  assert all(counts.values()), counts  # 1, 2 and 3 objects all occur
+
+
+def test_image_size_is_configurable():
+  ex = shapes.render(0, 0, 224)
+  assert ex["image"].shape == (224, 224, 3) and ex["mask"].shape == (224, 224)
+
+
+def test_voc_layout_round_trips(tmp_path):
+  root = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=5, seed=9, image_size=32)
+  names = open(os.path.join(root, "ImageSets", "Segmentation", "val.txt")).read().split()
+  assert len(names) == 5
+  classes = open(os.path.join(root, "classes.txt")).read().split("\n")
+  assert classes[0] == "background" and classes[1:9] == list(shapes.CLASSES)
+  for i, name in enumerate(names):
+    ex = shapes.render(9, i, 32)
+    img = np.asarray(Image.open(os.path.join(root, "JPEGImages", name + ".png")))
+    mask = Image.open(os.path.join(root, "SegmentationClass", name + ".png"))
+    assert mask.mode == "P"
+    np.testing.assert_array_equal(img, ex["image"])
+    np.testing.assert_array_equal(np.asarray(mask), ex["mask"])
