@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0"],
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "filelock==4.2.11"],
     # Reference implementations and .pth reading: tests, benchmarks and weight conversion only.
     "torch": ["torch==2.13.0", "transformers==5.23.0"],
     "bench": ["torch==2.13.0", "transformers==5.23.0"],

@@ -1,6 +1,9 @@
-"""GroupViT-S, the paper's model (Xu et al., CVPR 2022).
+"""GroupViT-S, the paper's model and recipe (Xu et al., CVPR 2022): batch 4096, 30 epochs.
 
-Model only for now (the trainer issue adds the data and optimisation fields):
+  python -m groupvit_jax.train --config=configs/groupvit_s.py --workdir=gs://BUCKET/groupvit_s \
+      --config.input.data='[{"kind": "tfrecord", "patterns": ["gs://BUCKET/cc12m/*.tfrecord"]}]'
+
+Importing the official weights instead of training:
   python -m groupvit_jax.models.convert --config=configs/groupvit_s.py --input=group_vit_gcc_yfcc_30e.pth \
       --output=/tmp/groupvit_s_ckpt
 """
@@ -12,6 +15,9 @@ from groupvit_jax import config_lib
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   del arg
-  config = ml_collections.ConfigDict()
+  config = config_lib.training_defaults()
   config.model = config_lib.groupvit_s_model()
+  config.total_steps = None
+  config.warmup_steps = None
+  config.model.dtype = "bfloat16"  # mixed precision as in the paper; params and softmaxes stay fp32
   return config

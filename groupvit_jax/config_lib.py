@@ -39,6 +39,17 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
   ))
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config file's "key=value,key2=value2" argument over `defaults` (values keep their type)."""
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+    result[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return result
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
@@ -48,3 +59,87 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def training_defaults() -> ml_collections.ConfigDict:
+  """Trainer fields with the paper's recipe (GroupViT-S, batch 4096, 30 epochs)."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      input=dict(
+          data=[],  # sources, see groupvit_jax/datasets/sources.py
+          pp="random_resized_crop(224)|flip|normalize|nouns|prompts(3)",
+          tokenizer="clip_bpe",  # or "sentencepiece:/path/sp.model"
+          context_length=77,
+          batch_size=4096,  # global
+          num_examples=28_660_000,  # one epoch, for durations given in epochs
+          threads=0,  # tf.data private thread pool (0: TF's default)
+      ),
+      total_epochs=30,
+      warmup_epochs=2,
+      optim=dict(
+          lr=1.6e-3, reference_batch=4096,  # lr scales by batch / reference_batch
+          warmup_lr=4e-6, min_lr=4e-5,
+          weight_decay=0.05, decay_mask="ndim!=1",  # or a regex over parameter paths
+          b1=0.9, b2=0.999, eps=1e-8,
+          clip_norm=5.0,
+          freeze="",  # regex of parameters to keep fixed
+          grad_accum_steps=1,
+          bf16_moments=False,
+      ),
+      loss=dict(multi_label_weight=1.0),
+      mesh=dict(data=-1, fsdp=1, model=1),
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      eval_every=0,  # 0: evaluators run only at the end
+      evals={},  # name -> evaluator config, see groupvit_jax/evaluators
+      init_from="",  # an imported checkpoint (models/convert.py) to start from
+  ))
+
+
+def steps(config: ml_collections.ConfigDict, prefix: str) -> int:
+  """Resolves a duration given as `{prefix}_steps`, `_epochs` or `_examples` into steps."""
+  given = [k for k in ("steps", "epochs", "examples") if config.get(f"{prefix}_{k}") is not None]
+  if len(given) != 1:
+    raise ValueError(f"give exactly one of {prefix}_steps, {prefix}_epochs, {prefix}_examples (got {given})")
+  value, batch = config.get(f"{prefix}_{given[0]}"), config.input.batch_size
+  if given[0] == "steps":
+    return int(value)
+  examples = value * config.input.num_examples if given[0] == "epochs" else value
+  return int(round(examples / batch))
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  """Stops at start with one clear line for configs that cannot train."""
+  m = config.model
+  img = m.image
+  if img.image_size % img.patch_size:
+    raise ValueError(f"model.image.image_size {img.image_size} is not divisible by patch_size {img.patch_size}")
+  n = len(img.depths)
+  if not (len(img.num_heads) == len(img.num_group_tokens) == n and len(img.num_output_groups) == n - 1):
+    raise ValueError(f"model.image: depths, num_heads and num_group_tokens need one entry per stage ({n}) "
+                     f"and num_output_groups one per grouping stage ({n - 1})")
+  if any(g <= 0 for g in img.num_group_tokens[:-1]) or img.num_group_tokens[-1] != 0:
+    raise ValueError(f"model.image.num_group_tokens {tuple(img.num_group_tokens)}: every stage but the last "
+                     "needs group tokens, the last none")
+  for i, h in enumerate(img.num_heads):
+    if img.dim % h:
+      raise ValueError(f"model.image.dim {img.dim} is not divisible by num_heads[{i}] = {h}")
+  if m.text.width % m.text.heads:
+    raise ValueError(f"model.text.width {m.text.width} is not divisible by heads {m.text.heads}")
+  if config.input.context_length > m.text.context_length:
+    raise ValueError(f"input.context_length {config.input.context_length} exceeds model.text.context_length "
+                     f"{m.text.context_length}")
+  batch = config.input.batch_size
+  if batch % num_processes:
+    raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")
+  data_axes = 1
+  for axis in ("data", "fsdp"):
+    size = int(config.mesh.get(axis, 1))
+    if size > 0:
+      data_axes *= size
+  fixed = data_axes * max(int(config.mesh.get("model", 1)), 1)
+  if -1 in (int(config.mesh.get(a, 1)) for a in ("data", "fsdp")):
+    data_axes *= num_devices // fixed
+  if batch % data_axes:
+    raise ValueError(f"input.batch_size {batch} is not divisible by the data axes of the mesh ({data_axes} devices)")

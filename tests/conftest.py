@@ -9,3 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import filelock  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+  """One prepared copy of the tiny shapes world, shared by all test workers."""
+  root = tmp_path_factory.getbasetemp().parent / "shared_tfds"
+  root.mkdir(exist_ok=True)
+  with filelock.FileLock(str(root) + ".lock"):
+    from groupvit_jax.datasets import sources  # pylint: disable=g-import-not-at-top
+    sources.prepare([{"kind": "shapes", "config": "tiny32", "data_dir": str(root)}])
+  return str(root)

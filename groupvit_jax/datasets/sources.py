@@ -107,10 +107,20 @@ def shapes_source(config: str = "size64", split: str = "train", *, data_dir: str
   """
   ds = tfds_source(f"shapes_world/{config}", split, seed=seed, process_index=process_index,
                    process_count=process_count, data_dir=data_dir, image_key="image", text_key="caption",
-                   shuffle_buffer=shuffle_buffer, prepare=True)
+                   shuffle_buffer=shuffle_buffer, prepare=process_count == 1)
   if not use_nouns:
     ds = ds.map(lambda ex: {"image": ex["image"], "text": ex["text"]})
   return ds
+
+
+def prepare(cfgs: Sequence[Any]) -> None:
+  """Generates the datasets that are made locally (the shapes world); call on one process only."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.datasets import shapes_tfds  # pylint: disable=g-import-not-at-top,unused-import  (registers)
+  for cfg in cfgs:
+    cfg = dict(cfg)
+    if cfg["kind"] == "shapes":
+      tfds.builder(f"shapes_world/{cfg.get('config', 'size64')}", data_dir=cfg["data_dir"]).download_and_prepare()
 
 
 def build_source(cfg: Any, *, seed: int, process_index: int, process_count: int) -> tf.data.Dataset:

@@ -1,0 +1,72 @@
+"""The optax optimizer from config: AdamW, warmup + cosine, clipping, decay/freeze masks, accumulation."""
+
+import math
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float
+                ) -> Callable[[jax.Array], jax.Array]:
+  """The reference's schedule (timm CosineLRScheduler, warmup_prefix=False).
+
+  Linear warmup from `warmup_lr` to `base_lr` over `warmup_steps`, then cosine from `base_lr` to
+  `min_lr` whose period counts from step 0 (so at the end of warmup the cosine is already under way).
+  """
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(math.pi * jnp.minimum(step, total_steps) / total_steps))
+    warm = warmup_lr + step * (base_lr - warmup_lr) / max(warmup_steps, 1)
+    return jnp.where(step < warmup_steps, warm, cosine)
+  return schedule
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _mask(params: Any, rule: Callable[[str, jax.Array], bool]) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda p, x: rule(_path(p), x), params)
+
+
+def decay_mask(params: Any, spec: str) -> Any:
+  """Which parameters get weight decay.
+
+  spec: "ndim!=1" (the reference: every parameter except biases and norm scales, so embeddings,
+  group tokens and the logit scales are decayed), or a regex over '/'-joined parameter paths.
+  """
+  if spec == "ndim!=1":
+    return _mask(params, lambda _, x: x.ndim != 1)
+  pattern = re.compile(spec)
+  return _mask(params, lambda name, _: bool(pattern.search(name)))
+
+
+def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size: int
+                   ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """AdamW chain from `config.optim`; returns (optimizer, learning-rate schedule).
+
+  The learning rates are scaled linearly by `batch_size / config.optim.reference_batch` (the paper
+  scales its 1.6e-3 at batch 4096). Frozen parameters (`optim.freeze`, a regex) get zero updates.
+  With `optim.grad_accum_steps > 1` the update uses the mean gradient of that many micro-batches
+  (which also shrinks the pool of negatives each loss sees).
+  """
+  o = config.optim
+  scale = batch_size / o.reference_batch
+  schedule = lr_schedule(o.lr * scale, total_steps, warmup_steps, o.warmup_lr * scale, o.min_lr * scale)
+  mu_dtype = jnp.bfloat16 if o.get("bf16_moments", False) else None
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                  mask=lambda p: decay_mask(p, o.decay_mask), mu_dtype=mu_dtype),
+  )
+  if o.get("freeze"):
+    pattern = re.compile(o.freeze)
+    labels = lambda p: _mask(p, lambda name, _: "frozen" if pattern.search(name) else "trained")
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  if o.get("grad_accum_steps", 1) > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+  return tx, schedule

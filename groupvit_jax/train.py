@@ -1,0 +1,336 @@
+"""The GroupViT trainer: sharded multi-label contrastive training that survives preemption.
+
+  python -m groupvit_jax.train --config=configs/tiny.py --workdir=/tmp/gvj_tiny [--config.total_steps=100]
+
+Several processes (a TPU pod slice, GPU nodes, or localhost for debugging) run the same command; on
+Cloud TPU `jax.distributed.initialize()` finds its peers by itself, elsewhere pass --coordinator_address,
+--num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+Re-running the command with the same --workdir resumes from the latest checkpoint.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import app, flags, logging
+from clu import metric_writers, periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from groupvit_jax import checkpoint as checkpoint_lib
+from groupvit_jax import config_lib, evaluators, input_pipeline, losses, optim, sharding
+from groupvit_jax.datasets import sources
+from groupvit_jax.models import build_model, init_variables
+
+config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=False)
+flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics.jsonl go.")
+flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                    "host:port of process 0, for multi-process runs outside Cloud TPU.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None, "Processes in all.")
+flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "This process's id.")
+flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this step; for tests and debugging.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# State.
+# ---------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def init_sharded_state(model, tx, config, mesh, rng):
+  """Initialises the train state directly into its shardings (params are born sharded).
+
+  Returns:
+    (state, state_shardings).
+  """
+  m = config.model
+  init = functools.partial(init_variables, model, image_size=m.image.image_size,
+                           context_length=config.input.context_length)
+  boxed = jax.eval_shape(init, rng)
+  var_shardings = sharding.param_shardings(mesh, boxed)
+
+  def init_state(rng):
+    variables = nn.unbox(init(rng))
+    return TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+  abstract = jax.eval_shape(init_state, rng)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = TrainState(
+      step=replicated, params=var_shardings["params"], batch_stats=var_shardings["batch_stats"],
+      opt_state=sharding.like_params(mesh, abstract.opt_state, abstract.params, var_shardings["params"]))
+  state = jax.jit(init_state, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+# ---------------------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_train_step(model, tx, schedule, config, base_rng):
+  """The jitted-to-be step: forward both towers, both losses, backward, AdamW."""
+  ml_weight = config.loss.multi_label_weight
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(base_rng, state.step)
+    gumbel_rng, dropout_rng = jax.random.split(rng)
+
+    def loss_fn(params):
+      out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                 batch["text"], train=True, rngs={"gumbel": gumbel_rng, "dropout": dropout_rng},
+                                 mutable=["batch_stats"])
+      contrastive = losses.contrastive_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+      parts = {"contrastive_loss": contrastive, "logit_scale": out["logit_scale"]}
+      loss = contrastive
+      if "prompt_embeds" in out and ml_weight:
+        multi = losses.multi_label_loss(out["image_embeds"], out["prompt_embeds"], out["multi_label_logit_scale"])
+        loss = loss + ml_weight * multi
+        parts.update(multi_label_loss=multi, multi_label_logit_scale=out["multi_label_logit_scale"])
+      return loss, (parts, updates["batch_stats"])
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts, loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting and safety.
+# ---------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+  """TensorBoard/console via clu, plus `metrics.jsonl` (one line per logged step) on process 0."""
+
+  def __init__(self, workdir: str):
+    self.primary = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary, asynchronous=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self.writer.write_scalars(step, scalars)
+    if self.primary:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()
+
+
+def check_finite(step: int, metrics: dict[str, float], last_good: int | None) -> None:
+  """Stops the run on NaN/Inf, naming the step and the metric."""
+  for name, value in metrics.items():
+    if not np.isfinite(value):
+      raise FloatingPointError(f"step {step}: {name} is {value}; stopping. The last good checkpoint is "
+                               f"step {last_good} (non-finite states are never saved).")
+
+
+class Preemption:
+  """Notices SIGTERM (what a TPU/GPU scheduler sends before preemption)."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host must stop at the same step: the distributed runtime agrees on one.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+                       devices: list[jax.Device] | None = None) -> dict[str, float]:
+  """Trains (resuming from `workdir` when it holds checkpoints); returns the last logged metrics.
+
+  `devices` restricts the mesh to a subset of the devices (tests compare 1 and 8 devices).
+  """
+  devices = devices or jax.devices()
+  config_lib.validate(config, len(devices), jax.process_count())
+  total_steps = config_lib.steps(config, "total")
+  warmup_steps = config_lib.steps(config, "warmup")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  batch_size = config.input.batch_size
+  host_batch = batch_size // jax.process_count()
+  logging.info("mesh %s, global batch %d (%d per host), %d steps", dict(mesh.shape), batch_size, host_batch,
+               total_steps)
+
+  model = build_model(config.model)
+  tx, schedule = optim.make_optimizer(config, total_steps, warmup_steps, batch_size)
+  base_rng = jax.random.key(config.seed)
+  rules = sharding.LOGICAL_RULES
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = init_sharded_state(model, tx, config, mesh, jax.random.fold_in(base_rng, 2**31 - 1))  # init key, apart from step keys
+  ckpt = checkpoint_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                          config.keep_checkpoints)
+  positions = [0] * jax.process_count()
+  if ckpt.latest_step() is not None:
+    state, data = ckpt.restore(ckpt.latest_step(), jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+    positions = data["positions"]
+    logging.info("resumed from step %d (data positions %s)", int(state.step), positions)
+  elif config.init_from:
+    variables = checkpoint_lib.load_variables(config.init_from, {"params": state.params,
+                                                                 "batch_stats": state.batch_stats})
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    logging.info("initialised from %s", config.init_from)
+  start_step = int(state.step)
+
+  if jax.process_index() == 0:
+    sources.prepare(config.input.data)  # generated datasets (the shapes world) are made once ...
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("data prepared")  # ... before any host reads them.
+  tokenizer = input_pipeline.get_tokenizer(config)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"tokenizer {config.input.tokenizer!r} has {tokenizer.vocab_size} ids but "
+                     f"model.text.vocab_size is {config.model.text.vocab_size}")
+  ds = input_pipeline.build_train_dataset(config.input, tokenizer=tokenizer, seed=config.seed, batch_size=host_batch,
+                                          start_index=positions[jax.process_index()],
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+  data_it = input_pipeline.DataIterator(ds, start_index=positions[jax.process_index()])
+
+  batch_shardings = {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 3)}
+  step_fn = make_train_step(model, tx, schedule, config, base_rng)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, batch_shardings),
+                         out_shardings=(shardings, None))
+
+  log = MetricsLog(workdir)
+  evals = evaluators.build(config.evals, model=model, config=config, workdir=workdir)
+  preemption = Preemption()
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer)
+  last_good = ckpt.latest_step()
+  pending, last_logged = None, {}
+  end = min(total_steps, stop_after) if stop_after else total_steps
+
+  def data_state():
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    all_positions = multihost_utils.process_allgather(np.asarray(data_it.position, np.int64))
+    return {"positions": [int(p) for p in np.atleast_1d(all_positions)]}
+
+  def finish(step_metrics, step):
+    nonlocal last_logged
+    scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    check_finite(step, scalars, last_good)
+    if step % config.log_every == 0 or step == end:
+      scalars.update(data_it.counters())
+      scalars["examples_per_sec"] = batch_size * timer.rate()
+      log.write(step, scalars)
+      last_logged = scalars
+
+  timer = _Rate()
+  step = start_step
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      while step < end:
+        batch = sharding.host_batch_to_global(next(data_it), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        timer.tick()
+        report(step)
+        # Metrics of the previous step are read now, so the host never waits on the device in between.
+        if pending is not None:
+          finish(*pending)
+        pending = (metrics, step)
+        stopping = preemption.reached(step) or step == end
+        if stopping or step % config.checkpoint_every == 0:
+          finish(*pending)  # a state is saved only after its step's metrics proved finite
+          pending = None
+          if ckpt.save(step, state, data_state(), force=stopping):
+            last_good = step
+        if config.eval_every and step % config.eval_every == 0:
+          log.writer.write_scalars(step, evals.run(state, step))
+        if preemption.requested and step < end:
+          logging.warning("SIGTERM: saved step %d, stopping", step)
+          break
+      if pending is not None:
+        finish(*pending)
+      if step >= total_steps and evals:
+        log.writer.write_scalars(step, evals.run(state, step))
+  finally:
+    # Also on errors (NaN): finish writing what was saved, flush the logs.
+    ckpt.close()
+    log.close()
+  return last_logged
+
+
+class _Rate:
+  """Steps per second over the last logging window."""
+
+  def __init__(self):
+    self.times = []
+
+  def tick(self):
+    self.times = (self.times + [time.perf_counter()])[-20:]
+
+  def rate(self) -> float:
+    if len(self.times) < 2:
+      return 0.0
+    return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize for multi-process runs (flags/env, or Cloud TPU's own discovery)."""
+  f = flags.FLAGS
+  if f.coordinator_address and f.num_processes and f.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                               process_id=f.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  if flags.FLAGS.config is None:
+    raise app.UsageError("--config is required")
+  maybe_initialize_distributed()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
+  workdir = flags.FLAGS.workdir
+  tf.io.gfile.makedirs(workdir)
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(flags.FLAGS.config.to_json_best_effort(indent=2))
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,195 @@
+"""The trainer on CPU: learning, mesh equivalence, multi-process, preemption and crash resume, safety."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from groupvit_jax import config_lib, losses, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("examples_per_sec", "steps_per_sec")
+
+
+def _config(data_dir, **overrides):
+  config = config_lib.load_config(f"configs/tiny.py:data_dir={data_dir}")
+  config.log_every = 1
+  config.update(overrides)
+  return config
+
+
+def _metrics(workdir):
+  """Last logged value of every metric per step (a resumed run re-logs recomputed steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = {k: v for k, v in row.items() if k not in TIMING}
+  return out
+
+
+def _all_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_same(a, b, steps, rtol=1e-6):
+  for step in steps:
+    for key, value in a[step].items():
+      np.testing.assert_allclose(b[step][key], value, rtol=rtol, atol=1e-7, err_msg=f"step {step} {key}")
+
+
+def test_tiny_config_learns_on_the_shapes_world(shapes_data_dir, tmp_path):
+  config = _config(shapes_data_dir, total_steps=60)
+  train.train_and_evaluate(config, str(tmp_path))
+  m = _metrics(str(tmp_path))
+  first = np.mean([m[s]["loss"] for s in range(1, 6)])
+  last = np.mean([m[s]["loss"] for s in range(56, 61)])
+  assert last < first - 1.0, (first, last)
+  assert all(np.isfinite(m[s]["grad_norm"]) for s in m)
+  assert os.path.isdir(tmp_path / "checkpoints" / "60")
+
+
+def test_2x4_mesh_matches_one_device(shapes_data_dir, tmp_path):
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+  base = dict(total_steps=3, checkpoint_every=100)
+  train.train_and_evaluate(_config(shapes_data_dir, **base), str(tmp_path / "one"), devices=jax.devices()[:1])
+  one = _metrics(str(tmp_path / "one"))
+  for mesh in ({"data": 2, "fsdp": 4, "model": 1}, {"data": 2, "fsdp": 1, "model": 4}):
+    workdir = str(tmp_path / "_".join(f"{k}{v}" for k, v in mesh.items()))
+    train.train_and_evaluate(_config(shapes_data_dir, mesh=mesh, **base), workdir)
+    eight = _metrics(workdir)
+    for step in (1, 2, 3):
+      for key in ("loss", "contrastive_loss", "multi_label_loss"):
+        assert abs(eight[step][key] - one[step][key]) <= 1e-5, (mesh, step, key, eight[step][key], one[step][key])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _train_cmd(data_dir, workdir, *extra):
+  return [sys.executable, "-m", "groupvit_jax.train", f"--config=configs/tiny.py:data_dir={data_dir}",
+          f"--workdir={workdir}", "--config.log_every=1", *extra]
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def test_two_processes_on_localhost_train(shapes_data_dir, tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen(_train_cmd(shapes_data_dir, tmp_path / "run", "--config.total_steps=3",
+                                       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                       f"--process_id={i}"),
+                            cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "process 1/2" in outs[1] and "4 global devices" in outs[0]
+  m = _metrics(str(tmp_path / "run"))
+  assert sorted(m) == [1, 2, 3] and all(np.isfinite(m[s]["loss"]) for s in m)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_data_dir, tmp_path_factory):
+  # Same process setup as the interrupted runs (one device, default flags), so numbers compare exactly.
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  cmd = _train_cmd(shapes_data_dir, workdir, "--config.total_steps=40", "--config.checkpoint_every=4")
+  res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return _metrics(workdir)
+
+
+def _run_until(cmd, workdir, step, sig):
+  """Starts a training process, sends `sig` once `step` is logged; returns (returncode, output)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out = proc.communicate(timeout=240)[0]
+  return proc.returncode, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_resume_after_preemption_or_crash_continues_exactly(sig, uninterrupted, shapes_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = _train_cmd(shapes_data_dir, workdir, "--config.total_steps=40", "--config.checkpoint_every=4")
+  rc, out = _run_until(cmd, workdir, 6, sig)
+  stopped = max(r["step"] for r in _all_rows(workdir))
+  assert stopped < 40, "the run finished before the signal; cannot test resume"
+  if sig == signal.SIGTERM:
+    assert rc == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
+  else:
+    assert rc == -signal.SIGKILL
+  res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  resumed = _metrics(workdir)
+  assert sorted(resumed) == list(range(1, 41))
+  _assert_same(uninterrupted, resumed, range(1, 41))
+  # Every line ever written (recomputed steps after kill -9 included) equals the uninterrupted run.
+  for row in _all_rows(workdir):
+    for key, value in row.items():
+      if key not in TIMING and key != "step":
+        np.testing.assert_allclose(value, uninterrupted[row["step"]][key], rtol=1e-6, atol=1e-7)
+
+
+def test_nan_stops_the_run_naming_step_and_metric(shapes_data_dir, tmp_path):
+  config = _config(shapes_data_dir, total_steps=20, checkpoint_every=1)
+  config.optim.lr = 1e12
+  config.optim.clip_norm = 0.0
+  with pytest.raises(FloatingPointError, match=r"step \d+: [a-z_]+ is (nan|inf)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  # Whatever was saved is finite.
+  ckpts = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  rows = {r["step"]: r for r in _all_rows(str(tmp_path))}
+  for step in ckpts:
+    assert np.isfinite(rows[step]["loss"]) and np.isfinite(rows[step]["grad_norm"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.image.image_size": 30}, "not divisible by patch_size"),
+    ({"model.image.num_output_groups": (8,)}, "num_output_groups one per grouping stage"),
+    ({"model.image.num_group_tokens": (8, 0, 0)}, "every stage but the last needs group tokens"),
+    ({"input.batch_size": 12}, "not divisible by the data axes of the mesh"),
+    ({"input.context_length": 99}, "exceeds model.text.context_length"),
+])
+def test_config_errors_stop_at_start(change, message, shapes_data_dir, tmp_path):
+  config = _config(shapes_data_dir, total_steps=2, mesh={"data": 8, "fsdp": 1, "model": 1})
+  for key, value in change.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_multi_label_targets_are_one_over_k():
+  img = np.eye(2, 4, dtype=np.float32)
+  prompts = np.stack([np.tile(img[0], (3, 1)), np.tile(img[1], (3, 1))])  # each image's prompts equal it
+  loss_match = float(losses.multi_label_loss(img, prompts, 100.0))
+  loss_swapped = float(losses.multi_label_loss(img, prompts[::-1], 100.0))
+  # Perfectly matching prompts: image side is -log(1/3) (uniform over its own 3), prompt side ~0.
+  assert abs(loss_match - 0.5 * np.log(3)) < 1e-3
+  assert loss_swapped > loss_match + 10
