@@ -241,12 +241,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     all_positions = multihost_utils.process_allgather(np.asarray(data_it.position, np.int64))
     return {"positions": [int(p) for p in np.atleast_1d(all_positions)]}
 
-  def finish(step_metrics, step):
+  def finish(step_metrics, step, counters):
     nonlocal last_logged
     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     check_finite(step, scalars, last_good)
     if step % config.log_every == 0 or step == end:
-      scalars.update(data_it.counters())
+      scalars.update(counters)
       scalars["examples_per_sec"] = batch_size * timer.rate()
       log.write(step, scalars)
       last_logged = scalars
@@ -264,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
         # Metrics of the previous step are read now, so the host never waits on the device in between.
         if pending is not None:
           finish(*pending)
-        pending = (metrics, step)
+        pending = (metrics, step, data_it.counters())  # counters as of this step's batch
         stopping = preemption.reached(step) or step == end
         if stopping or step % config.checkpoint_every == 0:
           finish(*pending)  # a state is saved only after its step's metrics proved finite

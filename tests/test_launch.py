@@ -1,0 +1,101 @@
+"""Launch scripts: recorded gcloud dry runs, sweep expansion and its errors (the local launcher is
+exercised by tests/test_train.py::test_two_processes_on_localhost_train)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from groupvit_jax import launching
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--name=gvj", "--zone=us-west4-a", "--project=my-proj", "--accelerator_type=v5litepod-64",
+          "--runtime_version=v2-alpha-tpuv5-lite", "--spot", "--dry_run"]
+
+
+def _script(name, *args):
+  res = subprocess.run([sys.executable, os.path.join(REPO, "launch", name), *args], capture_output=True,
+                       text=True, cwd=REPO, check=False, env=dict(os.environ, PATH="/nonexistent"))
+  return res.returncode, res.stdout, res.stderr
+
+
+def test_tpu_dry_run_prints_the_recorded_gcloud_commands():
+  got = []
+  for action, extra in [("create", []), ("setup", []),
+                        ("run", ["--", "groupvit_jax.train", "--config=configs/groupvit_s.py",
+                                 "--workdir=gs://bucket/runs/s", "--config.input.batch_size=4096"]),
+                        ("logs", []), ("stop", []), ("delete", []),
+                        ("create", ["--queued"]), ("delete", ["--queued"])]:
+    flags = [f for f in extra if f.startswith("--q")]
+    rest = [f for f in extra if not f.startswith("--q")]
+    rc, out, err = _script("tpu_vm.py", action, *COMMON, *flags, *rest)
+    assert rc == 0, err  # PATH has no gcloud: a dry run must not try to run it
+    got += out.replace(REPO, "REPO").strip().splitlines()
+  with open(os.path.join(REPO, "tests", "data", "tpu_dry_run.txt")) as f:
+    assert got == f.read().strip().splitlines()
+
+
+def test_tpu_run_without_a_command_is_an_error():
+  rc, _, err = _script("tpu_vm.py", "run", "--name=x", "--zone=z", "--dry_run")
+  assert rc == 2 and "run needs a command after --" in err
+
+
+def _write_sweep(path, body):
+  path.write_text(f"def get_sweep():\n  return {body!r}\n")
+  return str(path)
+
+
+def test_sweep_expansion_is_deterministic_with_named_workdirs(tmp_path):
+  sweep = _write_sweep(tmp_path / "lr.py", {
+      "base": "configs/tiny.py", "fixed": {"total_steps": 7},
+      "product": {"optim.lr": [1e-3, 2e-3], "loss.multi_label_weight": [0.0, 1.0]},
+      "zip": {"seed": [0, 1], "optim.warmup_lr": [1e-6, 2e-6]}})
+  runs = launching.expand_sweep(sweep, "/root/sw")
+  assert [r.name for r in runs] == launching_names()
+  assert runs[0].workdir == "/root/sw/lr/000_optim.lr=0.001,loss.multi_label_weight=0.0,seed=0,optim.warmup_lr=1e-06"
+  assert [r.config.optim.lr for r in runs] == [1e-3] * 4 + [2e-3] * 4
+  assert all(r.config.total_steps == 7 for r in runs)
+  assert [r.config.seed for r in runs] == [0, 1] * 4
+  assert [r.name for r in launching.expand_sweep(sweep, "/root/sw")] == [r.name for r in runs]
+  args = launching.run_command("configs/tiny.py", runs[3])
+  assert args[:3] == ["groupvit_jax.train", "--config=configs/tiny.py", f"--workdir={runs[3].workdir}"]
+  assert "--config.optim.lr=0.001" in args and "--config.seed=1" in args
+
+
+def launching_names():
+  names = []
+  for lr in ("0.001", "0.002"):
+    for w in ("0.0", "1.0"):
+      for seed, wl in (("0", "1e-06"), ("1", "2e-06")):
+        names.append(f"optim.lr={lr},loss.multi_label_weight={w},seed={seed},optim.warmup_lr={wl}")
+  return names
+
+
+def test_sweep_writes_resolved_configs_and_runs_locally(tmp_path, shapes_data_dir):
+  sweep = _write_sweep(tmp_path / "two.py", {
+      "base": f"configs/tiny.py:data_dir={shapes_data_dir}", "fixed": {"total_steps": 2, "checkpoint_every": 2},
+      "product": {"optim.lr": [1e-3, 2e-3]}})
+  rc, out, err = _script("sweep.py", f"--sweep={sweep}", f"--workdir_root={tmp_path / 'runs'}", "--mode=local")
+  assert rc == 0, err[-3000:]
+  assert "2 runs from" in out
+  for i, lr in enumerate((1e-3, 2e-3)):
+    workdir = tmp_path / "runs" / "two" / f"{i:03d}_optim.lr={lr}"
+    resolved = json.loads((workdir / "resolved_config.json").read_text())
+    assert resolved["optim"]["lr"] == lr and resolved["total_steps"] == 2
+    assert (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"base": "configs/tiny.py", "product": {"optim.lrr": [1e-3]}}, "'optim.lrr' is not in the base config"),
+    ({"base": "configs/tiny.py", "product": {"nope.lr": [1e-3]}}, "'nope' is not in the base config"),
+    ({"base": "configs/tiny.py", "product": {"optim.lr": []}}, "the sweep is empty"),
+    ({"base": "configs/tiny.py"}, "the sweep is empty"),
+    ({"base": "configs/tiny.py", "zip": {"seed": [0, 1], "optim.lr": [1e-3]}}, "zip lists differ in length"),
+])
+def test_bad_sweeps_fail_before_anything_launches(body, message, tmp_path):
+  sweep = _write_sweep(tmp_path / "bad.py", body)
+  rc, out, err = _script("sweep.py", f"--sweep={sweep}", f"--workdir_root={tmp_path / 'runs'}", "--mode=local")
+  assert rc == 2 and message in err, err
+  assert not (tmp_path / "runs").exists()
