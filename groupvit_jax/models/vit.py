@@ -24,8 +24,7 @@ class PatchEmbed(nn.Module):
   def __call__(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     p = self.patch_size
     b, h, w, c = images.shape
-    if h % p or w % p:
-      raise ValueError(f"image size {h}x{w} must be divisible by the patch size {p}")
+    # Like PyTorch's strided conv (and the reference), pixels past the last whole patch are dropped.
     fan_in = p * p * c
     x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 param_dtype=jnp.float32,

@@ -1,0 +1,103 @@
+"""Segmentation sets read from their standard on-disk layouts.
+
+- `voc`: VOCdevkit/VOC2012 (`JPEGImages/`, `SegmentationClass/` palette PNGs,
+  `ImageSets/Segmentation/val.txt`); the 20 classes with the reference's renames (table, plant,
+  monitor) and background. The shapes world's `write_voc_layout` uses it too (with `classes.txt`).
+- `generic`: `images/`, `masks/` (same stem, PNG class ids), `classes.txt` (one name a line; a first line
+  `background` means id 0 is background and never encoded as text).
+Masks hold class ids, 255 = ignore.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from PIL import Image
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "table", "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train",
+               "monitor")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclasses.dataclass
+class SegDataset:
+  """Names, files and classes of one evaluation set."""
+  name: str
+  items: list[tuple[str, str, str]]  # (id, image path, mask path)
+  classes: tuple[str, ...]  # all class names, index = mask id
+  has_background: bool  # class 0 is background (not encoded as text)
+
+  @property
+  def text_classes(self) -> tuple[str, ...]:
+    return self.classes[1:] if self.has_background else self.classes
+
+
+def _read_classes(path: str) -> tuple[str, ...]:
+  with open(path, encoding="utf-8") as f:
+    names = tuple(line.strip() for line in f if line.strip())
+  if not names:
+    raise ValueError(f"{path}: no class names")
+  return names
+
+
+def _find_image(directory: str, stem: str) -> str:
+  for ext in IMAGE_EXTS:
+    path = os.path.join(directory, stem + ext)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"no image for {stem!r} in {directory} (tried {', '.join(IMAGE_EXTS)})")
+
+
+def voc(root: str, split: str = "val") -> SegDataset:
+  list_path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+  if not os.path.exists(list_path):
+    raise FileNotFoundError(f"VOC split list {list_path!r} does not exist")
+  with open(list_path) as f:
+    ids = [line.strip() for line in f if line.strip()]
+  if not ids:
+    raise ValueError(f"{list_path}: the split is empty")
+  classes_file = os.path.join(root, "classes.txt")
+  classes = _read_classes(classes_file) if os.path.exists(classes_file) else VOC_CLASSES
+  items = [(i, _find_image(os.path.join(root, "JPEGImages"), i),
+            os.path.join(root, "SegmentationClass", i + ".png")) for i in ids]
+  return SegDataset("voc", items, classes, has_background=classes[0] == "background")
+
+
+def generic(root: str) -> SegDataset:
+  classes = _read_classes(os.path.join(root, "classes.txt"))
+  image_dir = os.path.join(root, "images")
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f"{image_dir!r} does not exist (expected images/, masks/, classes.txt)")
+  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTS))
+  if not stems:
+    raise ValueError(f"{image_dir}: no images")
+  items = [(s, _find_image(image_dir, s), os.path.join(root, "masks", s + ".png")) for s in stems]
+  return SegDataset("generic", items, classes, has_background=classes[0] == "background")
+
+
+LAYOUTS = {"voc": voc, "generic": generic}
+
+
+def load(name: str, root: str) -> SegDataset:
+  if name not in LAYOUTS:
+    raise ValueError(f"unknown dataset layout {name!r}; expected one of {sorted(LAYOUTS)}")
+  return LAYOUTS[name](root)
+
+
+def read_pair(item: tuple[str, str, str], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 RGB image, int mask); raises naming the file for a missing or inconsistent mask."""
+  _, image_path, mask_path = item
+  if not os.path.exists(mask_path):
+    raise FileNotFoundError(f"mask {mask_path!r} does not exist")
+  image = np.asarray(Image.open(image_path).convert("RGB"))
+  mask = np.asarray(Image.open(mask_path)).astype(np.int64)
+  if mask.ndim != 2:
+    raise ValueError(f"{mask_path}: expected a single-channel mask of class ids, got shape {mask.shape}")
+  if mask.shape != image.shape[:2]:
+    raise ValueError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size "
+                     f"{image.shape[1::-1]} ({image_path})")
+  bad = mask[(mask != 255) & (mask >= num_classes)]
+  if bad.size:
+    raise ValueError(f"{mask_path}: class id {int(bad.max())} >= the {num_classes} classes of the dataset")
+  return image, mask

@@ -1,0 +1,147 @@
+"""Zero-shot semantic segmentation, following the official GroupViT evaluation protocol.
+
+Per window: the stages' soft assignment maps are chained into each patch's distribution over the final
+groups, resized bilinearly to the window and hardened to one group per pixel; each group takes a softmax
+over class embeddings (only the image's top-5 classes eligible; the masked softmax times the unmasked
+one); a pixel scores what its group scores, and becomes background where its best score is under
+min(threshold, the image's best group score). Windows (448, stride 224, mmseg's placement) are summed and
+divided by their overlap count, resized to the original size, and the argmax is the prediction.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from groupvit_jax.models import interpolate
+from groupvit_jax.models.groupvit import l2_normalize, soft_assignment_to_final_groups
+from groupvit_jax.pp import ops as pp_ops
+from groupvit_jax.pp.templates import get_templates
+
+MEAN = np.asarray(pp_ops.IMAGENET_MEAN, np.float32) * 255
+STD = np.asarray(pp_ops.IMAGENET_STD, np.float32) * 255
+
+
+def class_embeddings(model, variables, class_names: Sequence[str], tokenizer, context_length: int,
+                     templates: str = "simple") -> jax.Array:
+  """`[classes, proj]`: each class through every template, unnormalised embeddings averaged, L2-normalised."""
+  template_list = get_templates(templates)
+  texts = [t.format(name) for name in class_names for t in template_list]
+  tokens = jnp.asarray(tokenizer(texts, context_length))
+  embeds = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))(variables, tokens)
+  embeds = embeds.reshape(len(class_names), len(template_list), -1).mean(axis=1)
+  return l2_normalize(embeds)
+
+
+def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_size: int,
+                  bg_threshold: float | None, top_k: int = 5) -> tuple[jax.Array, list[jax.Array]]:
+  """Per-pixel class scores for a batch of normalised windows.
+
+  Args:
+    images: `[batch, h, w, 3]` normalised.
+    text: `[classes, proj]` normalised class embeddings (foreground classes only).
+    bg_threshold: None for datasets without background, else the background threshold.
+  Returns:
+    (`[batch, h, w, classes (+1 background first)]` scores, per-stage hard group maps `[batch, h, w]`).
+  """
+  b, h, w, _ = images.shape
+  out = model.apply(variables, images, return_groups=True, method=model.encode_image)
+  grid = (h // patch_size, w // patch_size)
+  soft = soft_assignment_to_final_groups(out["assignments"])  # [B, P, G]
+  soft = interpolate.resize_2d(soft.reshape(b, *grid, -1), (h, w), "bilinear")
+  groups = soft.shape[-1]
+  onehot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), groups, dtype=jnp.float32)  # [B, h, w, G]
+  scale = jnp.minimum(jnp.exp(variables["params"]["logit_scale"]), 100.0)
+  group_logits = scale * jnp.einsum("bgd,cd->bgc", l2_normalize(out["group_embeds"]), text)
+  unmasked = jax.nn.softmax(group_logits, axis=-1)
+  image_probs = jax.nn.softmax(scale * l2_normalize(out["image_embeds"]) @ text.T, axis=-1)
+  k = min(top_k, text.shape[0])
+  kth = jax.lax.top_k(image_probs, k)[0][:, -1:]
+  eligible = image_probs >= kth  # [B, C]
+  masked = jax.nn.softmax(jnp.where(eligible[:, None, :], group_logits, -jnp.inf), axis=-1) * unmasked
+  scores = jnp.einsum("bhwg,bgc->bhwc", onehot, masked)
+  if bg_threshold is not None:
+    threshold = jnp.minimum(bg_threshold, masked.max(axis=(1, 2)))[:, None, None]
+    background = (scores.max(axis=-1) < threshold).astype(scores.dtype)
+    scores = jnp.concatenate([background[..., None], scores], axis=-1)
+  # Per-stage group maps for pictures: each stage's chained soft map, resized, argmax.
+  stage_maps, chained = [], None
+  for maps in out["assignments"]:
+    m = jnp.swapaxes(maps["soft"].astype(jnp.float32), 1, 2)
+    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)
+    resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
+    stage_maps.append(jnp.argmax(resized, axis=-1))
+  return scores, stage_maps
+
+
+def test_time_resize_shape(h: int, w: int, short_side: int = 448, long_side: int = 2048) -> tuple[int, int]:
+  """mmseg's Resize(img_scale=(2048, 448), keep_ratio=True): scale by min(long/longer, short/shorter)."""
+  scale = min(long_side / max(h, w), short_side / min(h, w))
+  return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+  """mmseg's slide_inference windows (y1, y2, x1, x2): last windows shifted back inside the image."""
+  rows = max(h - crop + stride - 1, 0) // stride + 1
+  cols = max(w - crop + stride - 1, 0) // stride + 1
+  out = []
+  for r in range(rows):
+    for c in range(cols):
+      y1, x1 = r * stride, c * stride
+      y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+      out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+  return out
+
+
+class ZeroShotSegmenter:
+  """Segments images into `class_names` (+ background) with a GroupViT and its variables."""
+
+  def __init__(self, model, variables, class_names: Sequence[str], tokenizer, *, patch_size: int,
+               context_length: int = 77, templates: str = "simple", bg_threshold: float | None = 0.95,
+               mode: str = "slide", crop: int = 448, stride: int = 224, short_side: int = 448,
+               long_side: int = 2048, batch_size: int = 8):
+    if mode not in ("slide", "whole"):
+      raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
+    self.model, self.variables, self.patch_size = model, variables, patch_size
+    self.bg_threshold, self.mode = bg_threshold, mode
+    self.crop, self.stride, self.short_side, self.long_side = crop, stride, short_side, long_side
+    self.batch_size = batch_size
+    self.text = class_embeddings(model, variables, class_names, tokenizer, context_length, templates)
+    self.num_outputs = len(class_names) + (bg_threshold is not None)
+    self._scores = jax.jit(functools.partial(window_scores, model, patch_size=patch_size,
+                                             bg_threshold=bg_threshold))
+
+  def _run(self, windows: np.ndarray):
+    return self._scores(self.variables, jnp.asarray(windows), self.text)
+
+  def predict(self, image: np.ndarray, return_groups: bool = False):
+    """uint8 `[H, W, 3]` -> label map `[H, W]` (0 = background when thresholded), and optionally
+    per-stage group maps at the original size."""
+    h0, w0 = image.shape[:2]
+    h, w = test_time_resize_shape(h0, w0, self.short_side, self.long_side)
+    resized = np.asarray(jax.image.resize(image.astype(np.float32), (h, w, 3), "linear", antialias=False))
+    x = (resized - MEAN) / STD
+    if self.mode == "whole":
+      windows = [(0, h, 0, w)]
+    else:
+      windows = slide_windows(h, w, self.crop, self.stride)
+    total = np.zeros((h, w, self.num_outputs), np.float32)
+    count = np.zeros((h, w, 1), np.float32)
+    group_maps = None
+    crops = np.stack([x[y1:y2, x1:x2] for y1, y2, x1, x2 in windows])  # all windows share one size
+    for start in range(0, len(windows), self.batch_size):
+      scores, stages = self._run(crops[start:start + self.batch_size])
+      scores = np.asarray(scores)
+      for i, (y1, y2, x1, x2) in enumerate(windows[start:start + self.batch_size]):
+        total[y1:y2, x1:x2] += scores[i]
+        count[y1:y2, x1:x2] += 1
+      if group_maps is None:
+        group_maps = [np.asarray(s[0]) for s in stages]  # first window's groups, for pictures
+    mean = total / count
+    mean = np.asarray(interpolate.resize_2d(jnp.asarray(mean), (h0, w0), "bilinear", axes=(0, 1)))
+    pred = mean.argmax(axis=-1).astype(np.int32)
+    if return_groups:
+      return pred, group_maps
+    return pred
