@@ -136,22 +136,6 @@ class SegmentationEvaluator:
     return {"mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
 
 
-flags.DEFINE_string("config", None, "Config file (path[:arg]) whose model the checkpoint holds.")
-flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training workdir.")
-flags.DEFINE_enum("dataset", "voc", sorted(seg_datasets.LAYOUTS), "Dataset layout.")
-flags.DEFINE_string("data_dir", None, "Root of the dataset layout.")
-flags.DEFINE_string("output_dir", None, "Where metrics.json, per_class.csv and pictures/ go.")
-flags.DEFINE_string("tokenizer", None, "Override config.input.tokenizer.")
-flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the reference's for the dataset).")
-flags.DEFINE_enum("mode", "slide", ["slide", "whole"], "Sliding 448/224 windows or the whole image.")
-flags.DEFINE_string("templates", "simple", "Prompt template set for class names.")
-flags.DEFINE_integer("short_side", 448, "Test-time short side.")
-flags.DEFINE_integer("crop", 448, "Sliding-window size.")
-flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
-flags.DEFINE_integer("num_pictures", 8, "Pictures for the first N images.")
-flags.DEFINE_integer("limit", None, "Evaluate only the first N images.")
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -174,5 +158,23 @@ def main(argv):
   print(format_table(result))
 
 
+def _define_flags():
+  flags.DEFINE_string("config", None, "Config file (path[:arg]) whose model the checkpoint holds.")
+  flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training workdir.")
+  flags.DEFINE_enum("dataset", "voc", sorted(seg_datasets.LAYOUTS), "Dataset layout.")
+  flags.DEFINE_string("data_dir", None, "Root of the dataset layout.")
+  flags.DEFINE_string("output_dir", None, "Where metrics.json, per_class.csv and pictures/ go.")
+  flags.DEFINE_string("tokenizer", None, "Override config.input.tokenizer.")
+  flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the reference's for the dataset).")
+  flags.DEFINE_enum("mode", "slide", ["slide", "whole"], "Sliding 448/224 windows or the whole image.")
+  flags.DEFINE_string("templates", "simple", "Prompt template set for class names.")
+  flags.DEFINE_integer("short_side", 448, "Test-time short side.")
+  flags.DEFINE_integer("crop", 448, "Sliding-window size.")
+  flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
+  flags.DEFINE_integer("num_pictures", 8, "Pictures for the first N images.")
+  flags.DEFINE_integer("limit", None, "Evaluate only the first N images.")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

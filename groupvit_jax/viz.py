@@ -54,6 +54,11 @@ def panel(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, group_maps
           names: list[str]) -> np.ndarray:
   """input | prediction overlay + legend | ground truth | one group map per stage, side by side."""
   colors = palette(max(len(names), 2))
+  if image.shape[0] < 160:  # small images (the shapes world) are enlarged to be seen
+    k = -(-160 // image.shape[0])
+    up = lambda a: np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+    image, pred = up(image), up(pred)
+    gt = up(gt) if gt is not None else None
   h = image.shape[0]
   tiles = [image, with_legend(overlay(image, pred, colors), names, colors, pred)]
   if gt is not None:

@@ -46,8 +46,15 @@ def _assert_same(a, b, steps, rtol=1e-6):
 
 
 def test_tiny_config_learns_on_the_shapes_world(shapes_data_dir, tmp_path):
+  from groupvit_jax.datasets import shapes  # pylint: disable=g-import-not-at-top
+  voc = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=4, seed=1, image_size=32)
   config = _config(shapes_data_dir, total_steps=60)
+  config.evals = {"shapes_voc": {"kind": "segmentation", "dataset": "voc", "data_dir": voc, "crop": 32,
+                                 "stride": 16, "short_side": 32, "long_side": 128}}
   train.train_and_evaluate(config, str(tmp_path))
+  # The evaluator hook ran at the end and wrote its metrics and pictures.
+  evaluated = json.load(open(tmp_path / "eval" / "voc_step60" / "metrics.json"))
+  assert 0 <= evaluated["mIoU"] <= 100 and evaluated["images"] == 4
   m = _metrics(str(tmp_path))
   first = np.mean([m[s]["loss"] for s in range(1, 6)])
   last = np.mean([m[s]["loss"] for s in range(56, 61)])

@@ -36,6 +36,7 @@ class Evaluators:
 
 def build(evals_config: Any, **common) -> Evaluators:
   """Instantiates `config.evals` ({name: {"kind": registered name, ...}})."""
+  from groupvit_jax import evaluate  # pylint: disable=g-import-not-at-top,unused-import  (registers built-ins)
   built = {}
   for name, cfg in dict(evals_config or {}).items():
     cfg = dict(cfg)

@@ -3,6 +3,8 @@
 - `voc`: VOCdevkit/VOC2012 (`JPEGImages/`, `SegmentationClass/` palette PNGs,
   `ImageSets/Segmentation/val.txt`); the 20 classes with the reference's renames (table, plant,
   monitor) and background. The shapes world's `write_voc_layout` uses it too (with `classes.txt`).
+- `context`: PASCAL Context (60 = 59 + background) as mmseg prepares it.
+- `coco_object`: COCO-Object (80 + background) as the reference's convert_coco_object.py writes it.
 - `generic`: `images/`, `masks/` (same stem, PNG class ids), `classes.txt` (one name a line; a first line
   `background` means id 0 is background and never encoded as text).
 Masks hold class ids, 255 = ignore.
@@ -17,6 +19,24 @@ from PIL import Image
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "table", "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train",
                "monitor")
+# The reference's class names (mmseg's, with its renames).
+CONTEXT_CLASSES = (
+    "background", "airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain",
+    "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light",
+    "motorbike", "mountain", "mouse", "person", "plate", "platform", "plant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "monitor", "wall",
+    "water", "window", "wood")
+COCO_OBJECT_CLASSES = (
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -49,19 +69,48 @@ def _find_image(directory: str, stem: str) -> str:
   raise FileNotFoundError(f"no image for {stem!r} in {directory} (tried {', '.join(IMAGE_EXTS)})")
 
 
-def voc(root: str, split: str = "val") -> SegDataset:
-  list_path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+def _split_list(root: str, list_dir: str, split: str) -> list[str]:
+  list_path = os.path.join(root, "ImageSets", list_dir, f"{split}.txt")
   if not os.path.exists(list_path):
     raise FileNotFoundError(f"VOC split list {list_path!r} does not exist")
   with open(list_path) as f:
     ids = [line.strip() for line in f if line.strip()]
   if not ids:
     raise ValueError(f"{list_path}: the split is empty")
+  return ids
+
+
+def voc(root: str, split: str = "val") -> SegDataset:
+  """VOCdevkit/VOC2012: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt."""
+  ids = _split_list(root, "Segmentation", split)
   classes_file = os.path.join(root, "classes.txt")
   classes = _read_classes(classes_file) if os.path.exists(classes_file) else VOC_CLASSES
   items = [(i, _find_image(os.path.join(root, "JPEGImages"), i),
             os.path.join(root, "SegmentationClass", i + ".png")) for i in ids]
   return SegDataset("voc", items, classes, has_background=classes[0] == "background")
+
+
+def context(root: str, split: str = "val") -> SegDataset:
+  """VOCdevkit/VOC2010 as prepared for mmseg: JPEGImages/, SegmentationClassContext/ (0 background,
+  1..59), ImageSets/SegmentationContext/<split>.txt."""
+  ids = _split_list(root, "SegmentationContext", split)
+  items = [(i, _find_image(os.path.join(root, "JPEGImages"), i),
+            os.path.join(root, "SegmentationClassContext", i + ".png")) for i in ids]
+  return SegDataset("context", items, CONTEXT_CLASSES, has_background=True)
+
+
+def coco_object(root: str, split: str = "val2017") -> SegDataset:
+  """COCO-Object from COCO-Stuff-164k as the reference converts it: images/<split>/*.jpg,
+  annotations/<split>/*_instanceTrainIds.png (the 80 thing ids -> 1..80, the rest 0)."""
+  image_dir = os.path.join(root, "images", split)
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f"{image_dir!r} does not exist (expected images/{split}/, annotations/{split}/)")
+  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.endswith(".jpg"))
+  if not stems:
+    raise ValueError(f"{image_dir}: no images")
+  items = [(s, os.path.join(image_dir, s + ".jpg"),
+            os.path.join(root, "annotations", split, s + "_instanceTrainIds.png")) for s in stems]
+  return SegDataset("coco_object", items, COCO_OBJECT_CLASSES, has_background=True)
 
 
 def generic(root: str) -> SegDataset:
@@ -76,7 +125,7 @@ def generic(root: str) -> SegDataset:
   return SegDataset("generic", items, classes, has_background=classes[0] == "background")
 
 
-LAYOUTS = {"voc": voc, "generic": generic}
+LAYOUTS = {"voc": voc, "context": context, "coco_object": coco_object, "generic": generic}
 
 
 def load(name: str, root: str) -> SegDataset:

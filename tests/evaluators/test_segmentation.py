@@ -121,3 +121,22 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(tiny, tmp_path):
   (bad_ckpt / "file.txt").write_text("not a checkpoint")
   with pytest.raises(ValueError, match=r"junk: not a readable groupvit-jax checkpoint"):
     evaluate.load_checkpoint_variables(str(bad_ckpt), tiny[0])
+
+
+def test_one_image_cli_writes_overlay_and_group_maps(tiny, tmp_path):
+  _, _, variables, _ = tiny
+  ckpt = str(tmp_path / "ckpt")
+  checkpoint.save_variables(ckpt, variables)
+  image = tmp_path / "scene.png"
+  Image.fromarray(shapes.render(5, 0, 48)["image"]).save(image)
+  cmd = [sys.executable, "-m", "groupvit_jax.segment", "--config=configs/tiny.py", f"--checkpoint={ckpt}",
+         f"--image={image}", "--classes=circle,star,square", "--crop=32", "--stride=16", "--short_side=32"]
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = tmp_path / "scene_seg"
+  for name in ("overlay.png", "panel.png", "groups_stage1.png", "groups_stage2.png"):
+    assert (out / name).exists(), name
+  assert np.asarray(Image.open(out / "groups_stage1.png")).shape[:2] == (48, 48)
+  bad = subprocess.run(cmd[:5] + ["--image=/nope.jpg", "--classes=a"], cwd=REPO, capture_output=True, text=True,
+                       check=False)
+  assert bad.returncode != 0 and "'/nope.jpg' does not exist" in bad.stderr
