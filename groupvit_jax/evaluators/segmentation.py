@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from groupvit_jax.models import interpolate
-from groupvit_jax.models.groupvit import l2_normalize, soft_assignment_to_final_groups
+from groupvit_jax.models.groupvit import l2_normalize
 from groupvit_jax.pp import ops as pp_ops
 from groupvit_jax.pp.templates import get_templates
 
@@ -49,8 +49,14 @@ def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_si
   b, h, w, _ = images.shape
   out = model.apply(variables, images, return_groups=True, method=model.encode_image)
   grid = (h // patch_size, w // patch_size)
-  soft = soft_assignment_to_final_groups(out["assignments"])  # [B, P, G]
-  soft = interpolate.resize_2d(soft.reshape(b, *grid, -1), (h, w), "bilinear")
+  # Each stage's chained soft map (patches -> its groups), resized to the window; the last one decides.
+  stage_maps, chained, resized = [], None, None
+  for maps in out["assignments"]:
+    m = jnp.swapaxes(maps["soft"].astype(jnp.float32), 1, 2)  # [B, tokens_in, groups_out]
+    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)  # [B, P, G_stage]
+    resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
+    stage_maps.append(jnp.argmax(resized, axis=-1))  # for pictures
+  soft = resized
   groups = soft.shape[-1]
   onehot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), groups, dtype=jnp.float32)  # [B, h, w, G]
   scale = jnp.minimum(jnp.exp(variables["params"]["logit_scale"]), 100.0)
@@ -66,13 +72,6 @@ def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_si
     threshold = jnp.minimum(bg_threshold, masked.max(axis=(1, 2)))[:, None, None]
     background = (scores.max(axis=-1) < threshold).astype(scores.dtype)
     scores = jnp.concatenate([background[..., None], scores], axis=-1)
-  # Per-stage group maps for pictures: each stage's chained soft map, resized, argmax.
-  stage_maps, chained = [], None
-  for maps in out["assignments"]:
-    m = jnp.swapaxes(maps["soft"].astype(jnp.float32), 1, 2)
-    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)
-    resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
-    stage_maps.append(jnp.argmax(resized, axis=-1))
   return scores, stage_maps
 
 

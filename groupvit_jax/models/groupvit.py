@@ -1,6 +1,6 @@
 """GroupViT: image tower, text tower, BatchNorm projectors and the two logit scales."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -137,19 +137,3 @@ def count_params(params: Any) -> int:
   """Total number of parameter scalars."""
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
 
-
-def soft_assignment_to_final_groups(assignments: list[dict[str, jax.Array]], key: str = "soft"
-                                    ) -> jax.Array:
-  """Chains per-stage maps into each patch's distribution over the final groups.
-
-  Args:
-    assignments: per stage, `[batch, groups_out, tokens_in]` maps.
-    key: "soft" (the evaluation protocol) or "hard".
-  Returns:
-    `[batch, patches, final_groups]`.
-  """
-  chained: Optional[jax.Array] = None
-  for maps in assignments:
-    m = jnp.swapaxes(maps[key].astype(jnp.float32), 1, 2)  # [batch, tokens_in, groups_out]
-    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)
-  return chained
