@@ -1,0 +1,155 @@
+"""Training-step throughput, ours against HF transformers' GroupViTModel (PyTorch), in one process.
+
+  python -m benchmarks.train_step --config=configs/tiny.py --batch_sizes=16,32 [--dtypes=float32,bfloat16]
+  python -m benchmarks.train_step --config=configs/groupvit_s.py --batch_sizes=8 --steps=3
+
+One step = forward of both towers on the image batch and the caption + K prompts per image, the
+contrastive and multi-label losses, backward, AdamW update (gradient clipping included). The PyTorch
+side runs the same computation with the same dimensions, batch and threads; the two are timed
+alternately so machine noise hits both. FLOPs are XLA's cost analysis of our compiled step (the
+count of the operations actually run); MFU = achieved FLOP/s over --peak_tflops (or the table below
+for known accelerators). Peak host memory is the process's max RSS.
+"""
+
+import os
+import resource
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from groupvit_jax import config_lib, optim, train
+from groupvit_jax.models import build_model
+
+flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
+flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes for ours (PyTorch runs fp32 on CPU).")
+flags.DEFINE_integer("steps", 5, "Timed steps per round.")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds (ours, theirs).")
+flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
+flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: table for known devices).")
+flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
+FLAGS = flags.FLAGS
+
+# Dense peak TFLOP/s by device kind (bf16 where it applies).
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0}
+
+
+def _batch(config, b, k, rng):
+  size, ctx, vocab = config.model.image.image_size, config.input.context_length, config.model.text.vocab_size
+  images = rng.randn(b, size, size, 3).astype(np.float32)
+  text = rng.randint(1, vocab - 2, size=(b, 1 + k, ctx)).astype(np.int32)
+  text[..., 0], text[..., ctx // 2] = vocab - 2, vocab - 1  # SOT ... EOT
+  text[..., ctx // 2 + 1:] = 0
+  return images, text
+
+
+def ours(config, b, dtype, rng):
+  config = config_lib.load_config(FLAGS.config)
+  config.model.dtype = dtype
+  config.input.batch_size = b
+  config.mesh = {"data": 1, "fsdp": 1, "model": 1}
+  model = build_model(config.model)
+  tx, schedule = optim.make_optimizer(config, 1000, 10, b)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(train.sharding.LOGICAL_RULES):
+    state, _ = train.init_sharded_state(model, tx, config, mesh, jax.random.key(0))
+    step = jax.jit(train.make_train_step(model, tx, schedule, config, jax.random.key(1)), donate_argnums=0)
+    images, text = _batch(config, b, FLAGS.prompts, rng)
+    batch = {"image": jnp.asarray(images), "text": jnp.asarray(text)}
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+
+  def run(n):
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+  return run, flops, compile_s
+
+
+def theirs(config, b, rng):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
+  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)  # the same cores XLA uses
+  model = GroupViTModel(hf_config(config.model)).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+  images, text = _batch(config, b, FLAGS.prompts, rng)
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  ids = torch.from_numpy(text.astype(np.int64))
+  k = FLAGS.prompts
+
+  def step():
+    img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    txt = model.text_projection(model.text_model(input_ids=ids.reshape(b * (1 + k), -1)).pooler_output)
+    txt = txt.reshape(b, 1 + k, -1)
+    img_n, cap_n, pr_n = F.normalize(img, dim=-1), F.normalize(txt[:, 0], dim=-1), F.normalize(txt[:, 1:], dim=-1)
+    scale = model.logit_scale.exp().clamp(max=100)
+    logits = scale * img_n @ cap_n.T
+    labels = torch.arange(b)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    ml = scale * img_n @ pr_n.reshape(b * k, -1).T
+    owner = torch.arange(b).repeat_interleave(k)
+    target = (owner[None] == labels[:, None]).float() / k
+    loss = loss + 0.5 * ((-target * F.log_softmax(ml, -1)).sum(-1).mean() + F.cross_entropy(ml.T, owner))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+
+  step()
+
+  def run(n):
+    start = time.perf_counter()
+    for _ in range(n):
+      step()
+    return time.perf_counter() - start
+
+  return run
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  peak = FLAGS.peak_tflops or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
+  config = config_lib.load_config(FLAGS.config)
+  print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts, "
+        f"peak {'%.0f TFLOP/s' % peak if peak else 'unknown (pass --peak_tflops for MFU)'}")
+  print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
+  rng = np.random.RandomState(0)
+  for b in map(int, FLAGS.batch_sizes):
+    their_run = theirs(config, b, rng) if FLAGS.torch else None
+    for dtype in FLAGS.dtypes:
+      our_run, flops, compile_s = ours(config, b, dtype, rng)
+      t_ours, t_theirs = [], []
+      for _ in range(FLAGS.rounds):
+        t_ours.append(our_run(FLAGS.steps))
+        if their_run and dtype == "float32":
+          t_theirs.append(their_run(FLAGS.steps))
+      ips = b * FLAGS.steps / min(t_ours)
+      tps = b * FLAGS.steps / min(t_theirs) if t_theirs else float("nan")
+      achieved = flops * FLAGS.steps / min(t_ours) / 1e12
+      mfu = f"{achieved / peak:6.1%}" if peak else f"{'n/a':>6}"
+      ratio = f"{ips / tps:6.2f}" if t_theirs else f"{'-':>6}"
+      print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} "
+            f"{compile_s:>10.1f}", flush=True)
+  print(f"peak host memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+  app.run(main)
