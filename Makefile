@@ -15,4 +15,6 @@ test: install
 	$(PYTHON) -m pytest -q -n 2 --durations=15 tests
 
 bench: install
-	$(PYTHON) -m benchmarks.train_step --config=configs/tiny.py
+	$(PYTHON) -m benchmarks.train_step --config=configs/tiny.py --batch_sizes=16,64
+	$(PYTHON) -m benchmarks.eval_throughput
+	$(PYTHON) -m benchmarks.input_pipeline

@@ -31,13 +31,6 @@ from groupvit_jax import config_lib, evaluators, input_pipeline, losses, optim, 
 from groupvit_jax.datasets import sources
 from groupvit_jax.models import build_model, init_variables
 
-config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=False)
-flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics.jsonl go.")
-flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                    "host:port of process 0, for multi-process runs outside Cloud TPU.")
-flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None, "Processes in all.")
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "This process's id.")
-flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this step; for tests and debugging.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,6 +324,17 @@ def main(argv):
   train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)
 
 
-if __name__ == "__main__":
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).", lock_config=False)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and metrics.jsonl go.")
+  flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                      "host:port of process 0, for multi-process runs outside Cloud TPU.")
+  flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None, "Processes in all.")
+  flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")), "This process's id.")
+  flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this step; for tests and debugging.")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  _define_flags()
   app.run(main)
