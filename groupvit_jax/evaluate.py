@@ -18,7 +18,6 @@ from typing import Any
 
 from absl import app, flags, logging
 import flax.linen as nn
-import jax
 import numpy as np
 from PIL import Image
 

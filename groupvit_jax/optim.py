@@ -4,7 +4,6 @@ import math
 import re
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax

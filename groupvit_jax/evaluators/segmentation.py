@@ -9,7 +9,7 @@ divided by their overlap count, resized to the original size, and the argmax is 
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ Tensors are plain numpy arrays here; torch is only needed to read `.pth`/`.bin` 
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
