@@ -109,8 +109,11 @@ def steps(config: ml_collections.ConfigDict, prefix: str) -> int:
   return int(round(examples / batch))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
-  """Stops at start with one clear line for configs that cannot train."""
+def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_processes: int) -> None:
+  """Stops at start with one clear line for configs that cannot train.
+
+  `mesh_shape` is the built mesh's axis sizes (sharding.make_mesh resolves the -1 axis).
+  """
   m = config.model
   img = m.image
   if img.image_size % img.patch_size:
@@ -133,13 +136,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   batch = config.input.batch_size
   if batch % num_processes:
     raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")
-  data_axes = 1
-  for axis in ("data", "fsdp"):
-    size = int(config.mesh.get(axis, 1))
-    if size > 0:
-      data_axes *= size
-  fixed = data_axes * max(int(config.mesh.get("model", 1)), 1)
-  if -1 in (int(config.mesh.get(a, 1)) for a in ("data", "fsdp")):
-    data_axes *= num_devices // fixed
+  data_axes = mesh_shape["data"] * mesh_shape["fsdp"]
   if batch % data_axes:
     raise ValueError(f"input.batch_size {batch} is not divisible by the data axes of the mesh ({data_axes} devices)")

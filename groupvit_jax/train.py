@@ -171,10 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
   `devices` restricts the mesh to a subset of the devices (tests compare 1 and 8 devices).
   """
   devices = devices or jax.devices()
-  config_lib.validate(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh, devices)
+  config_lib.validate(config, dict(mesh.shape), jax.process_count())
   total_steps = config_lib.steps(config, "total")
   warmup_steps = config_lib.steps(config, "warmup")
-  mesh = sharding.make_mesh(config.mesh, devices)
   batch_size = config.input.batch_size
   host_batch = batch_size // jax.process_count()
   logging.info("mesh %s, global batch %d (%d per host), %d steps", dict(mesh.shape), batch_size, host_batch,
