@@ -1,7 +1,12 @@
-"""The evaluation binary: zero-shot segmentation mIoU with pictures.
+"""The evaluation binary: zero-shot segmentation mIoU with pictures, and zero-shot classification.
 
   python -m groupvit_jax.evaluate --config=configs/groupvit_s.py --checkpoint=/tmp/groupvit_s \
       --dataset=voc --data_dir=VOCdevkit/VOC2012 --output_dir=/tmp/eval_voc
+  python -m groupvit_jax.evaluate --config=configs/groupvit_s.py --checkpoint=/tmp/groupvit_s \
+      --dataset=classification --data_dir=imagenet/val --output_dir=/tmp/eval_in1k [--templates=subset]
+
+Segmentation layouts: voc, context, coco_object, ade20k, generic (evaluators/seg_datasets.py);
+`classification` reads class folders (evaluators/classification.py) and writes metrics.json (top-1/5).
 
 `--checkpoint` is a variables checkpoint (models/convert.py) or a training workdir (its latest
 checkpoint). Writes `metrics.json`, `per_class.csv` and `pictures/*.png` (input | prediction with legend |
@@ -23,7 +28,7 @@ from PIL import Image
 
 from groupvit_jax import checkpoint as checkpoint_lib
 from groupvit_jax import config_lib, evaluators, viz
-from groupvit_jax.evaluators import seg_datasets
+from groupvit_jax.evaluators import classification, seg_datasets
 from groupvit_jax.evaluators.miou import ConfusionMatrix, metrics_from_confusion
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter
 from groupvit_jax.models import build_model
@@ -64,7 +69,7 @@ def evaluate_segmentation(segmenter: ZeroShotSegmenter, dataset: seg_datasets.Se
   start = time.perf_counter()
   try:
     for n, item in enumerate(items):
-      image, mask = seg_datasets.read_pair(item, len(dataset.classes))
+      image, mask = seg_datasets.read_pair(item, len(dataset.classes), dataset.reduce_zero_label)
       pred, groups = segmenter.predict(image, return_groups=True)
       cm.update(pred, mask)
       if tmp and n < num_pictures:
@@ -94,6 +99,15 @@ def evaluate_segmentation(segmenter: ZeroShotSegmenter, dataset: seg_datasets.Se
       shutil.rmtree(tmp)  # an interrupted evaluation leaves nothing behind
 
 
+def write_json_atomically(result: dict[str, Any], output_dir: str) -> None:
+  """`output_dir/metrics.json`, written to a temporary file and renamed into place."""
+  os.makedirs(output_dir, exist_ok=True)
+  tmp = os.path.join(output_dir, f".metrics.json.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, os.path.join(output_dir, "metrics.json"))
+
+
 def _pct(x: float) -> float | None:
   return None if np.isnan(x) else float(x) * 100
 
@@ -114,13 +128,16 @@ class SegmentationEvaluator:
 
   def __init__(self, model, config, workdir, dataset: str, data_dir: str, bg_threshold: float | None = None,
                templates: str = "simple", crop: int = 448, stride: int = 224, short_side: int = 448,
-               long_side: int = 2048, mode: str = "slide", limit: int | None = None, num_pictures: int = 4):
+               long_side: int = 2048, mode: str = "slide", scales: tuple[float, ...] = (1.0,),
+               limit: int | None = None, num_pictures: int = 4,
+               tensorboard_pictures: int = 4):
     self.model, self.config, self.workdir = model, config, workdir
     self.dataset = seg_datasets.load(dataset, data_dir)
     self.bg_threshold = bg_threshold if bg_threshold is not None else BG_THRESHOLDS.get(dataset)
     self.kwargs = dict(templates=templates, crop=crop, stride=stride, short_side=short_side, long_side=long_side,
-                       mode=mode)
-    self.limit, self.num_pictures = limit, num_pictures
+                       mode=mode, scales=scales)
+    self.limit, self.num_pictures, self.tensorboard_pictures = limit, num_pictures, tensorboard_pictures
+    self.pictures: dict[str, np.ndarray] = {}  # the last run's panels, for TensorBoard
     self.tokenizer = tokenizers.get_tokenizer(config.input.tokenizer)
 
   def run(self, state) -> dict[str, float]:
@@ -132,6 +149,9 @@ class SegmentationEvaluator:
                                   **self.kwargs)
     out = os.path.join(self.workdir, "eval", f"{self.dataset.name}_step{int(state.step)}")
     result = evaluate_segmentation(segmenter, self.dataset, out, self.num_pictures, self.limit)
+    picture_dir = os.path.join(out, "pictures")
+    self.pictures = {os.path.splitext(n)[0]: np.asarray(Image.open(os.path.join(picture_dir, n)).convert("RGB"))
+                     for n in sorted(os.listdir(picture_dir))[:self.tensorboard_pictures]}
     return {"mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}
 
 
@@ -144,14 +164,27 @@ def main(argv):
   config = config_lib.load_config(f.config)
   if f.tokenizer:
     config.input.tokenizer = f.tokenizer
+  if f.dataset == "classification":
+    folder = classification.load_folder(f.data_dir)
+    model = build_model(config.model)
+    variables = load_checkpoint_variables(f.checkpoint, config)
+    result = classification.zero_shot_classify(
+        model, variables, folder, tokenizers.get_tokenizer(config.input.tokenizer),
+        image_size=config.model.image.image_size, context_length=config.input.context_length,
+        templates=f.templates or "subset", limit=f.limit)
+    write_json_atomically(result, f.output_dir)
+    print(f"zero-shot classification: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+          f"({result['images']} images, {result['classes']} classes, {result['images_per_sec']:.1f} images/s)")
+    return
   dataset = seg_datasets.load(f.dataset, f.data_dir)
   model = build_model(config.model)
   variables = load_checkpoint_variables(f.checkpoint, config)
-  bg = f.bg_threshold if f.bg_threshold is not None else BG_THRESHOLDS[f.dataset]
+  bg = f.bg_threshold if f.bg_threshold is not None else BG_THRESHOLDS.get(f.dataset, 0.95)
   segmenter = ZeroShotSegmenter(model, variables, dataset.text_classes, tokenizers.get_tokenizer(config.input.tokenizer),
                                 patch_size=config.model.image.patch_size, context_length=config.input.context_length,
-                                templates=f.templates, bg_threshold=bg if dataset.has_background else None,
-                                mode=f.mode, crop=f.crop, stride=f.stride, short_side=f.short_side)
+                                templates=f.templates or "simple", bg_threshold=bg if dataset.has_background else None,
+                                mode=f.mode, crop=f.crop, stride=f.stride, short_side=f.short_side,
+                                scales=[float(s) for s in f.scales])
   logging.info("evaluating %d images of %s", len(dataset.items), f.data_dir)
   result = evaluate_segmentation(segmenter, dataset, f.output_dir, f.num_pictures, f.limit)
   print(format_table(result))
@@ -160,16 +193,19 @@ def main(argv):
 def _define_flags():
   flags.DEFINE_string("config", None, "Config file (path[:arg]) whose model the checkpoint holds.")
   flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training workdir.")
-  flags.DEFINE_enum("dataset", "voc", sorted(seg_datasets.LAYOUTS), "Dataset layout.")
+  flags.DEFINE_enum("dataset", "voc", sorted(seg_datasets.LAYOUTS) + ["classification"],
+                    "Segmentation layout, or `classification` (ImageNet-style class folders).")
   flags.DEFINE_string("data_dir", None, "Root of the dataset layout.")
   flags.DEFINE_string("output_dir", None, "Where metrics.json, per_class.csv and pictures/ go.")
   flags.DEFINE_string("tokenizer", None, "Override config.input.tokenizer.")
   flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the reference's for the dataset).")
   flags.DEFINE_enum("mode", "slide", ["slide", "whole"], "Sliding 448/224 windows or the whole image.")
-  flags.DEFINE_string("templates", "simple", "Prompt template set for class names.")
+  flags.DEFINE_string("templates", None, "Prompt template set for class names (default: simple for "
+                      "segmentation, as the reference; subset for classification).")
   flags.DEFINE_integer("short_side", 448, "Test-time short side.")
   flags.DEFINE_integer("crop", 448, "Sliding-window size.")
   flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
+  flags.DEFINE_list("scales", ["1.0"], "Test-time scale ratios (several: multi-scale, scores averaged).")
   flags.DEFINE_integer("num_pictures", 8, "Pictures for the first N images.")
   flags.DEFINE_integer("limit", None, "Evaluate only the first N images.")
 

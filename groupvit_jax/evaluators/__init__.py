@@ -33,6 +33,14 @@ class Evaluators:
       metrics.update({f"{name}/{k}": v for k, v in evaluator.run(state).items()})
     return metrics
 
+  def images(self) -> dict[str, Any]:
+    """Pictures of the last `run` (`{name/picture: [1, H, W, 3] uint8}`), for TensorBoard."""
+    out = {}
+    for name, evaluator in self.evaluators.items():
+      for key, picture in getattr(evaluator, "pictures", {}).items():
+        out[f"{name}/{key}"] = picture[None]
+    return out
+
 
 def build(evals_config: Any, **common) -> Evaluators:
   """Instantiates `config.evals` ({name: {"kind": registered name, ...}})."""

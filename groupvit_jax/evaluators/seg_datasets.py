@@ -5,6 +5,8 @@
   monitor) and background. The shapes world's `write_voc_layout` uses it too (with `classes.txt`).
 - `context`: PASCAL Context (60 = 59 + background) as mmseg prepares it.
 - `coco_object`: COCO-Object (80 + background) as the reference's convert_coco_object.py writes it.
+- `ade20k`: ADEChallengeData2016 (`images/validation/*.jpg`, `annotations/validation/*.png`); 150 classes,
+  no background: id 0 ("other") is ignored and ids 1..150 become 0..149 (mmseg's reduce_zero_label).
 - `generic`: `images/`, `masks/` (same stem, PNG class ids), `classes.txt` (one name a line; a first line
   `background` means id 0 is background and never encoded as text).
 Masks hold class ids, 255 = ignore.
@@ -37,6 +39,22 @@ COCO_OBJECT_CLASSES = (
     "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
     "toothbrush")
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -47,6 +65,7 @@ class SegDataset:
   items: list[tuple[str, str, str]]  # (id, image path, mask path)
   classes: tuple[str, ...]  # all class names, index = mask id
   has_background: bool  # class 0 is background (not encoded as text)
+  reduce_zero_label: bool = False  # mask id 0 is "unlabelled" (ignored), ids k > 0 mean class k - 1
 
   @property
   def text_classes(self) -> tuple[str, ...]:
@@ -113,6 +132,19 @@ def coco_object(root: str, split: str = "val2017") -> SegDataset:
   return SegDataset("coco_object", items, COCO_OBJECT_CLASSES, has_background=True)
 
 
+def ade20k(root: str, split: str = "validation") -> SegDataset:
+  """ADEChallengeData2016: images/<split>/*.jpg, annotations/<split>/*.png (0 unlabelled, 1..150)."""
+  image_dir = os.path.join(root, "images", split)
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f"{image_dir!r} does not exist (expected images/{split}/, annotations/{split}/)")
+  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.endswith(".jpg"))
+  if not stems:
+    raise ValueError(f"{image_dir}: no images")
+  items = [(s, os.path.join(image_dir, s + ".jpg"), os.path.join(root, "annotations", split, s + ".png"))
+           for s in stems]
+  return SegDataset("ade20k", items, ADE20K_CLASSES, has_background=False, reduce_zero_label=True)
+
+
 def generic(root: str) -> SegDataset:
   classes = _read_classes(os.path.join(root, "classes.txt"))
   image_dir = os.path.join(root, "images")
@@ -125,7 +157,7 @@ def generic(root: str) -> SegDataset:
   return SegDataset("generic", items, classes, has_background=classes[0] == "background")
 
 
-LAYOUTS = {"voc": voc, "context": context, "coco_object": coco_object, "generic": generic}
+LAYOUTS = {"voc": voc, "context": context, "coco_object": coco_object, "ade20k": ade20k, "generic": generic}
 
 
 def load(name: str, root: str) -> SegDataset:
@@ -134,7 +166,8 @@ def load(name: str, root: str) -> SegDataset:
   return LAYOUTS[name](root)
 
 
-def read_pair(item: tuple[str, str, str], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(item: tuple[str, str, str], num_classes: int,
+              reduce_zero_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 RGB image, int mask); raises naming the file for a missing or inconsistent mask."""
   _, image_path, mask_path = item
   if not os.path.exists(mask_path):
@@ -143,6 +176,9 @@ def read_pair(item: tuple[str, str, str], num_classes: int) -> tuple[np.ndarray,
   mask = np.asarray(Image.open(mask_path)).astype(np.int64)
   if mask.ndim != 2:
     raise ValueError(f"{mask_path}: expected a single-channel mask of class ids, got shape {mask.shape}")
+  if reduce_zero_label:  # mmseg: 0 -> 255 (ignored), k -> k - 1
+    mask = np.where(mask == 0, 255, mask - 1)
+    mask[mask == 254] = 255
   if mask.shape != image.shape[:2]:
     raise ValueError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size "
                      f"{image.shape[1::-1]} ({image_path})")

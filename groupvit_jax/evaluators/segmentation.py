@@ -6,6 +6,8 @@ over class embeddings (only the image's top-5 classes eligible; the masked softm
 one); a pixel scores what its group scores, and becomes background where its best score is under
 min(threshold, the image's best group score). Windows (448, stride 224, mmseg's placement) are summed and
 divided by their overlap count, resized to the original size, and the argmax is the prediction.
+Multi-scale (`scales`, mmseg's aug_test without flip): the test-time size is multiplied by each scale,
+the per-scale scores are resized to the original size and averaged.
 """
 
 import functools
@@ -100,9 +102,12 @@ class ZeroShotSegmenter:
   def __init__(self, model, variables, class_names: Sequence[str], tokenizer, *, patch_size: int,
                context_length: int = 77, templates: str = "simple", bg_threshold: float | None = 0.95,
                mode: str = "slide", crop: int = 448, stride: int = 224, short_side: int = 448,
-               long_side: int = 2048, batch_size: int = 8):
+               long_side: int = 2048, batch_size: int = 8, scales: Sequence[float] = (1.0,)):
     if mode not in ("slide", "whole"):
       raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
+    if not scales or min(scales) <= 0:
+      raise ValueError(f"scales must be positive ratios, got {tuple(scales)}")
+    self.scales = tuple(float(s) for s in scales)
     self.model, self.variables, self.patch_size = model, variables, patch_size
     self.bg_threshold, self.mode = bg_threshold, mode
     self.crop, self.stride, self.short_side, self.long_side = crop, stride, short_side, long_side
@@ -115,11 +120,11 @@ class ZeroShotSegmenter:
   def _run(self, windows: np.ndarray):
     return self._scores(self.variables, jnp.asarray(windows), self.text)
 
-  def predict(self, image: np.ndarray, return_groups: bool = False):
-    """uint8 `[H, W, 3]` -> label map `[H, W]` (0 = background when thresholded), and optionally
-    per-stage group maps at the original size."""
+  def scores(self, image: np.ndarray, scale: float = 1.0):
+    """uint8 `[H, W, 3]` -> (`[H, W, outputs]` window-averaged scores at the original size, the first
+    window's per-stage group maps) with the test-time size multiplied by `scale`."""
     h0, w0 = image.shape[:2]
-    h, w = test_time_resize_shape(h0, w0, self.short_side, self.long_side)
+    h, w = test_time_resize_shape(h0, w0, self.short_side * scale, self.long_side * scale)
     resized = np.asarray(jax.image.resize(image.astype(np.float32), (h, w, 3), "linear", antialias=False))
     x = (resized - MEAN) / STD
     if self.mode == "whole":
@@ -139,8 +144,17 @@ class ZeroShotSegmenter:
       if group_maps is None:
         group_maps = [np.asarray(s[0]) for s in stages]  # first window's groups, for pictures
     mean = total / count
-    mean = np.asarray(interpolate.resize_2d(jnp.asarray(mean), (h0, w0), "bilinear", axes=(0, 1)))
-    pred = mean.argmax(axis=-1).astype(np.int32)
+    return np.asarray(interpolate.resize_2d(jnp.asarray(mean), (h0, w0), "bilinear", axes=(0, 1))), group_maps
+
+  def predict(self, image: np.ndarray, return_groups: bool = False):
+    """uint8 `[H, W, 3]` -> label map `[H, W]` (0 = background when thresholded), and optionally
+    per-stage group maps (of the first scale's first window)."""
+    total, group_maps = None, None
+    for scale in self.scales:
+      scores, groups = self.scores(image, scale)
+      total = scores if total is None else total + scores
+      group_maps = group_maps or groups
+    pred = (total / len(self.scales)).argmax(axis=-1).astype(np.int32)
     if return_groups:
       return pred, group_maps
     return pred

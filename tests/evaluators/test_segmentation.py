@@ -140,3 +140,30 @@ def test_one_image_cli_writes_overlay_and_group_maps(tiny, tmp_path):
   bad = subprocess.run(cmd[:5] + ["--image=/nope.jpg", "--classes=a"], cwd=REPO, capture_output=True, text=True,
                        check=False)
   assert bad.returncode != 0 and "'/nope.jpg' does not exist" in bad.stderr
+
+
+def test_multi_scale_averages_the_per_scale_scores(tiny):
+  image = (np.random.RandomState(1).rand(40, 56, 3) * 255).astype(np.uint8)
+  seg = _segmenter(tiny, list(shapes.CLASSES), scales=(0.75, 1.0, 1.5))
+  per_scale = [seg.scores(image, s)[0] for s in (0.75, 1.0, 1.5)]
+  assert per_scale[0].shape == per_scale[2].shape == (40, 56, 9)
+  assert not np.allclose(per_scale[0], per_scale[2])  # the scales really differ
+  np.testing.assert_array_equal(seg.predict(image), np.mean(per_scale, axis=0).argmax(-1))
+  with pytest.raises(ValueError, match="scales must be positive"):
+    _segmenter(tiny, list(shapes.CLASSES), scales=())
+
+
+def test_ade20k_layout_ignores_unlabelled_and_shifts_ids(tmp_path):
+  root = tmp_path / "ADEChallengeData2016"
+  (root / "images" / "validation").mkdir(parents=True)
+  (root / "annotations" / "validation").mkdir(parents=True)
+  Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(root / "images" / "validation" / "ADE_val_00000001.jpg")
+  mask = np.array([[0, 1, 150, 2, 0]] * 6, np.uint8)
+  Image.fromarray(mask).save(root / "annotations" / "validation" / "ADE_val_00000001.png")
+  dataset = seg_datasets.load("ade20k", str(root))
+  assert len(dataset.classes) == 150 and dataset.classes[0] == "wall" and dataset.classes[-1] == "flag"
+  assert not dataset.has_background and dataset.text_classes == dataset.classes
+  _, label = seg_datasets.read_pair(dataset.items[0], 150, dataset.reduce_zero_label)
+  np.testing.assert_array_equal(label[0], [255, 0, 149, 1, 255])
+  with pytest.raises(FileNotFoundError, match=r"images/validation/, annotations/validation/"):
+    seg_datasets.load("ade20k", str(tmp_path / "nowhere"))
