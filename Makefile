@@ -3,13 +3,19 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test bench
+.PHONY: install install-core demo test bench
 
 install:
 	$(PIP) install -q -e '.[test,torch]'
 
-demo: install
-	$(PYTHON) -m groupvit_jax.models.summary --config=configs/groupvit_s.py
+install-core:
+	$(PIP) install -q -e .
+
+DEMO_DIR ?= /tmp/groupvit_jax_demo
+
+demo: install-core
+	rm -rf $(DEMO_DIR)
+	$(PYTHON) -m groupvit_jax.demo --workdir=$(DEMO_DIR)
 
 test: install
 	$(PYTHON) -m pytest -q -n 2 --durations=15 tests

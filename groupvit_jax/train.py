@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
@@ -165,10 +165,13 @@ class Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
-                       devices: list[jax.Device] | None = None) -> dict[str, float]:
+                       devices: list[jax.Device] | None = None,
+                       progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
   """Trains (resuming from `workdir` when it holds checkpoints); returns the last logged metrics.
 
   `devices` restricts the mesh to a subset of the devices (tests compare 1 and 8 devices).
+  `progress(step, scalars)` is called with every logged row (the demo prints it).
+  Logged rows carry `train_seconds`: this run's wall time so far, evaluations excluded.
   """
   devices = devices or jax.devices()
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -241,11 +244,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     if step % config.log_every == 0 or step == end:
       scalars.update(counters)
       scalars["examples_per_sec"] = batch_size * timer.rate()
+      scalars["train_seconds"] = train_seconds()
       log.write(step, scalars)
       last_logged = scalars
+      if progress:
+        progress(step, scalars)
+
+  eval_seconds = 0.0
+  run_start = time.perf_counter()
+
+  def train_seconds():
+    return time.perf_counter() - run_start - eval_seconds
+
+  def run_evals(step):
+    nonlocal eval_seconds
+    t = time.perf_counter()
+    scalars = evals.run(state, step)
+    images = evals.images()
+    if images:
+      log.writer.write_images(step, images)
+    eval_seconds += time.perf_counter() - t
+    scalars["train_seconds"] = train_seconds()
+    log.write(step, scalars)
+    if progress:
+      progress(step, scalars)
 
   timer = _Rate()
   step = start_step
+  evaluated = False
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       while step < end:
@@ -264,15 +290,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
           pending = None
           if ckpt.save(step, state, data_state(), force=stopping):
             last_good = step
-        if config.eval_every and step % config.eval_every == 0:
-          log.writer.write_scalars(step, evals.run(state, step))
+        evaluated = False
+        if evals and config.eval_every and step % config.eval_every == 0:
+          if pending is not None:
+            finish(*pending)
+            pending = None
+          run_evals(step)
+          evaluated = True
         if preemption.requested and step < end:
           logging.warning("SIGTERM: saved step %d, stopping", step)
           break
       if pending is not None:
         finish(*pending)
-      if step >= total_steps and evals:
-        log.writer.write_scalars(step, evals.run(state, step))
+      if step >= total_steps and evals and not evaluated:
+        run_evals(step)
   finally:
     # Also on errors (NaN): finish writing what was saved, flush the logs.
     ckpt.close()

@@ -36,6 +36,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       ShapesWorldConfig(name="size64", image_size=64),
       ShapesWorldConfig(name="size224", image_size=224, num_train=5_000),
       ShapesWorldConfig(name="tiny32", image_size=32, num_train=2_000, num_validation=200, num_test=200),
+      ShapesWorldConfig(name="size32", image_size=32, num_train=50_000, num_validation=500, num_test=500),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

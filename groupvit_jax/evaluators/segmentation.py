@@ -1,6 +1,6 @@
 """Zero-shot semantic segmentation, following the official GroupViT evaluation protocol.
 
-Per window: the stages' soft assignment maps are chained into each patch's distribution over the final
+Per window: the stages' soft assignment maps (for a plain ViT without grouping stages, the patches themselves) are chained into each patch's distribution over the final
 groups, resized bilinearly to the window and hardened to one group per pixel; each group takes a softmax
 over class embeddings (only the image's top-5 classes eligible; the masked softmax times the unmasked
 one); a pixel scores what its group scores, and becomes background where its best score is under
@@ -58,6 +58,11 @@ def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_si
     chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)  # [B, P, G_stage]
     resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
     stage_maps.append(jnp.argmax(resized, axis=-1))  # for pictures
+  if not out["assignments"]:  # a plain ViT (no grouping): every patch is its own group
+    p = grid[0] * grid[1]
+    identity = jnp.broadcast_to(jnp.eye(p, dtype=jnp.float32), (b, p, p))
+    resized = interpolate.resize_2d(identity.reshape(b, *grid, p), (h, w), "bilinear")
+    stage_maps.append(jnp.argmax(resized, axis=-1))
   soft = resized
   groups = soft.shape[-1]
   onehot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), groups, dtype=jnp.float32)  # [B, h, w, G]

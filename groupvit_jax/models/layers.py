@@ -121,8 +121,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
   logits = jnp.einsum("bnhd,bshd->bhns", q, k).astype(jnp.float32) * head_dim**-0.5
   if mask is not None:
     logits = logits + mask
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhns,bshd->bnhd", weights, v)
+  # softmax(l) @ v computed as (exp(l - max) @ v) / sum: the normalisation divides the [.., head_dim]
+  # output instead of the [.., keys] weights, which on CPU saves materialising two score-sized arrays.
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  denom = unnormalised.sum(axis=-1)  # [b, h, n]
+  out = jnp.einsum("bhns,bshd->bnhd", unnormalised.astype(v.dtype), v)
+  out = out / jnp.swapaxes(denom, 1, 2)[..., None].astype(out.dtype)
   return out.reshape(b, n, c)
 
 

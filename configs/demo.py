@@ -1,0 +1,56 @@
+"""The CPU demo: a small GroupViT trained from scratch on the shapes world in minutes (`make demo`).
+
+  python -m groupvit_jax.demo --workdir=/tmp/gvj_demo
+  python -m groupvit_jax.train --config=configs/demo.py:data_dir=/tmp/tfds --workdir=/tmp/gvj_demo
+
+Arguments (`configs/demo.py:key=value,...`) choose the variant the README's ablation table compares:
+  multi_label=0      contrastive loss on captions only
+  hard=0             soft assignment (no gumbel, no straight-through)
+  stages=1           one grouping stage (8 groups) instead of two (16 -> 8)
+  stages=0           a plain ViT (no grouping): pixels take the class of their patch's embedding
+  steps, batch, lr, warmup, size, patch, dim, crop (smallest crop area; 1: none), templates (of the
+  training prompts): the recipe's knobs; world: the shapes-world builder config (default size<size>).
+"""
+
+import os
+
+import ml_collections
+
+from groupvit_jax import config_lib
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(
+      arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
+      stages=2, steps=1000, batch=64, lr=2e-3, size=64, patch=8, dim=64, warmup=100, crop=1.0, templates="simple",
+      world="")
+  config = config_lib.training_defaults()
+  model = config_lib.groupvit_s_model()
+  if arg.stages == 2:
+    grouping = dict(depths=(2, 2, 1), num_heads=(4, 4, 4), num_group_tokens=(16, 8, 0), num_output_groups=(16, 8))
+  elif arg.stages == 0:  # a plain ViT: segmentation by patch-text similarity
+    grouping = dict(depths=(5,), num_heads=(4,), num_group_tokens=(0,), num_output_groups=())
+  elif arg.stages == 1:
+    grouping = dict(depths=(4, 1), num_heads=(4, 4), num_group_tokens=(8, 0), num_output_groups=(8,))
+  else:
+    raise ValueError(f"configs/demo.py: stages must be 0, 1 or 2, got {arg.stages}")
+  model.image.update(image_size=arg.size, patch_size=arg.patch, dim=arg.dim, drop_path_rate=0.0,
+                     hard_assignment=bool(arg.hard), **grouping)
+  model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
+  model.update(projection_dim=64, projection_hidden_dim=256)
+  config.model = model
+  crop = f"random_resized_crop({arg.size}, scale=({arg.crop}, 1.0))|" if arg.crop < 1 else ""
+  config.input.update(
+      data=[dict(kind="shapes", config=arg.world or f"size{arg.size}", split="train", data_dir=arg.data_dir)],
+      pp=f"decode|{crop}flip|normalize|nouns|prompts(3, templates={arg.templates!r})",
+      context_length=16, batch_size=arg.batch, num_examples=50_000)
+  config.loss.multi_label_weight = float(arg.multi_label)
+  config.total_epochs = None
+  config.warmup_epochs = None
+  config.total_steps = arg.steps
+  config.warmup_steps = arg.warmup
+  config.optim.update(lr=arg.lr, reference_batch=arg.batch, warmup_lr=1e-5, min_lr=1e-5)
+  config.log_every = 50
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 1
+  return config
