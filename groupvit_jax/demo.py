@@ -49,13 +49,15 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   print(f"[demo] data ready in {time.time() - start:.0f} s; training {config.total_steps} steps "
         f"(batch {config.input.batch_size}), evaluating {eval_images} held-out images every "
         f"{config.eval_every} steps", flush=True)
+  untrained = untrained_result(config)
+  print(f"[demo] untrained model (random initialisation): held-out mIoU {untrained['mIoU']:.1f}", flush=True)
   train_start = time.time()
   train.train_and_evaluate(config, workdir, progress=_progress_printer(config.total_steps, train_start))
   train_minutes = (time.time() - train_start) / 60
-  curve = _curve(workdir)
+  curve = [(0.0, 0, untrained["mIoU"])] + _curve(workdir)
   final = _load_eval(workdir, config.total_steps)
   print(evaluate.format_table(final))
-  print(f"[demo] held-out mIoU {final['mIoU']:.1f} after {config.total_steps} steps, "
+  print(f"[demo] held-out mIoU {final['mIoU']:.1f} (untrained: {untrained['mIoU']:.1f}) after {config.total_steps} steps, "
         f"{train_minutes:.1f} min of training ({(time.time() - start) / 60:.1f} min in all)")
   if curve:
     _plot_curve(curve, os.path.join(workdir, "curve.png"))
@@ -63,10 +65,32 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   print(f"[demo] pictures: {workdir}/eval/voc_step{config.total_steps}/pictures, {workdir}/grid.png, "
         f"{workdir}/curve.png")
   final["train_minutes"] = train_minutes
+  final["untrained_mIoU"] = untrained["mIoU"]
   final["curve"] = curve
   with open(os.path.join(workdir, "demo_result.json"), "w") as f:
     json.dump(final, f, indent=2)
   return final
+
+
+def untrained_result(config) -> dict[str, Any]:
+  """The held-out evaluation of a randomly initialised model (the curve's first point)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.evaluators import seg_datasets  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.models import build_model, init_variables  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.pp import tokenizers  # pylint: disable=g-import-not-at-top
+  model = build_model(config.model)
+  size = config.model.image.image_size
+  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, size, config.input.context_length))(
+      jax.random.key(config.seed)))
+  ev = dict(config.evals["heldout"])
+  dataset = seg_datasets.load("voc", ev["data_dir"])
+  segmenter = ZeroShotSegmenter(model, variables, dataset.text_classes, tokenizers.get_tokenizer(config.input.tokenizer),
+                                patch_size=config.model.image.patch_size, context_length=config.input.context_length,
+                                bg_threshold=ev["bg_threshold"], mode="whole", crop=size, stride=size,
+                                short_side=size, long_side=4 * size)
+  return evaluate.evaluate_segmentation(segmenter, dataset, None)
 
 
 def _progress_printer(total_steps: int, start: float):

@@ -24,7 +24,8 @@ def test_short_demo_end_to_end(shapes_data_dir, tmp_path, capsys):
   # The held-out split is seed 1, which training (seed 0) never reads.
   dataset = seg_datasets.load("voc", config.evals["heldout"]["data_dir"])
   assert len(dataset.items) == EVAL_IMAGES and all(i.startswith("shapes_1_") for i, _, _ in dataset.items)
-  assert [step for _, step, _ in result["curve"]] == [10, 20]
+  assert "untrained model (random initialisation): held-out mIoU" in out
+  assert [step for _, step, _ in result["curve"]] == [0, 10, 20]
   assert 0 <= result["mIoU"] <= 100 and result["images"] == EVAL_IMAGES
   saved = json.load(open(os.path.join(workdir, "demo_result.json")))
   assert set(saved["per_class"]) == set(dataset.classes)

@@ -14,7 +14,7 @@ import pytest
 from groupvit_jax import config_lib, launching, losses, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("examples_per_sec", "steps_per_sec")
+TIMING = ("examples_per_sec", "steps_per_sec", "train_seconds")
 
 
 def _config(data_dir, **overrides):
@@ -30,7 +30,7 @@ def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       row = json.loads(line)
-      out[row["step"]] = {k: v for k, v in row.items() if k not in TIMING}
+      out.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k not in TIMING})
   return out
 
 
@@ -62,6 +62,15 @@ def test_tiny_config_learns_on_the_shapes_world(shapes_data_dir, tmp_path):
   assert all(np.isfinite(m[s]["grad_norm"]) for s in m)
   assert all(m[s]["data/position"] == 16 * s for s in m)  # counters belong to their own step
   assert os.path.isdir(tmp_path / "checkpoints" / "60")
+  # ... and its metrics and first pictures reached metrics.jsonl and TensorBoard.
+  assert "shapes_voc/mIoU" in m[60] and "loss" in m[60]
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in tf.io.gfile.glob(str(tmp_path / "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags |= {v.tag for v in event.summary.value if event.step == 60}
+  assert "shapes_voc/mIoU" in tags
+  assert len([t for t in tags if t.startswith("shapes_voc/shapes_1_")]) == 4, sorted(tags)
 
 
 def test_2x4_mesh_matches_one_device(shapes_data_dir, tmp_path):
