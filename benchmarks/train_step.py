@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from groupvit_jax import config_lib, optim, train
-from groupvit_jax.models import build_model
+from groupvit_jax.models import build_model, init_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
 flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
@@ -32,6 +32,7 @@ flags.DEFINE_integer("rounds", 2, "Alternating rounds (ours, theirs).")
 flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
 flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: table for known devices).")
 flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
+flags.DEFINE_bool("forward", True, "Also time the eval-mode forward pass (ours vs PyTorch).")
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (bf16 where it applies).
@@ -80,6 +81,49 @@ def ours(config, b, dtype, rng):
   return run, flops, compile_s
 
 
+def ours_forward(config, b, dtype, rng):
+  """Eval-mode forward of both towers (image + caption + prompts) and the logits, jitted."""
+  config = config_lib.load_config(FLAGS.config)
+  config.model.dtype = dtype
+  model = build_model(config.model)
+  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, config.model.image.image_size,
+                                                        config.input.context_length))(jax.random.key(0)))
+  images, text = _batch(config, b, FLAGS.prompts, rng)
+  forward = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)["image_embeds"])
+  x, t = jnp.asarray(images), jnp.asarray(text)
+  jax.block_until_ready(forward(variables, x, t))
+
+  def run(n):
+    start = time.perf_counter()
+    for _ in range(n):
+      out = forward(variables, x, t)
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+  return run
+
+
+def theirs_forward(config, b, rng):
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
+  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = GroupViTModel(hf_config(config.model)).eval()
+  images, text = _batch(config, b, FLAGS.prompts, rng)
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  ids = torch.from_numpy(text.astype(np.int64)).reshape(b * (1 + FLAGS.prompts), -1)
+
+  def run(n):
+    start = time.perf_counter()
+    with torch.no_grad():
+      for _ in range(n):
+        model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        model.text_projection(model.text_model(input_ids=ids).pooler_output)
+    return time.perf_counter() - start
+
+  return run
+
+
 def theirs(config, b, rng):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -122,6 +166,18 @@ def theirs(config, b, rng):
   return run
 
 
+def _alternate(our_run, their_run, b):
+  """Times ours and theirs in alternating rounds; best round each: (ours img/s, theirs img/s, ratio text)."""
+  t_ours, t_theirs = [], []
+  for _ in range(FLAGS.rounds):
+    t_ours.append(our_run(FLAGS.steps))
+    if their_run:
+      t_theirs.append(their_run(FLAGS.steps))
+  ips = b * FLAGS.steps / min(t_ours)
+  tps = b * FLAGS.steps / min(t_theirs) if t_theirs else float("nan")
+  return ips, tps, (f"{ips / tps:6.2f}" if t_theirs else f"{'-':>6}")
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -136,18 +192,20 @@ def main(argv):
     their_run = theirs(config, b, rng) if FLAGS.torch else None
     for dtype in FLAGS.dtypes:
       our_run, flops, compile_s = ours(config, b, dtype, rng)
-      t_ours, t_theirs = [], []
-      for _ in range(FLAGS.rounds):
-        t_ours.append(our_run(FLAGS.steps))
-        if their_run and dtype == "float32":
-          t_theirs.append(their_run(FLAGS.steps))
-      ips = b * FLAGS.steps / min(t_ours)
-      tps = b * FLAGS.steps / min(t_theirs) if t_theirs else float("nan")
-      achieved = flops * FLAGS.steps / min(t_ours) / 1e12
+      ips, tps, ratio = _alternate(our_run, their_run if dtype == "float32" else None, b)
+      achieved = flops * ips / b / 1e12
       mfu = f"{achieved / peak:6.1%}" if peak else f"{'n/a':>6}"
-      ratio = f"{ips / tps:6.2f}" if t_theirs else f"{'-':>6}"
       print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} "
             f"{compile_s:>10.1f}", flush=True)
+  if FLAGS.forward:
+    print(f"eval-mode forward (both towers, no gradients):\n{'batch':>6} {'dtype':>9} {'ours img/s':>11} "
+          f"{'torch img/s':>12} {'ratio':>6}")
+    for b in map(int, FLAGS.batch_sizes):
+      their_run = theirs_forward(config, b, rng) if FLAGS.torch else None
+      for dtype in FLAGS.dtypes:
+        ips, tps, ratio = _alternate(ours_forward(config, b, dtype, rng),
+                                     their_run if dtype == "float32" else None, b)
+        print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio}", flush=True)
   print(f"peak host memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -86,7 +86,9 @@ def test_2x4_mesh_matches_one_device(shapes_data_dir, tmp_path):
     print(f"\nmesh {mesh}: max |loss difference| vs one device over 3 steps = {worst:.2e}")
     for step in (1, 2, 3):
       for key in ("loss", "contrastive_loss", "multi_label_loss"):
-        assert abs(eight[step][key] - one[step][key]) <= 1e-5, (mesh, step, key, eight[step][key], one[step][key])
+        # float32 reductions split across devices reassociate: equal to ~1e-6 relative.
+        tol = 1e-5 * max(1.0, abs(one[step][key]))
+        assert abs(eight[step][key] - one[step][key]) <= tol, (mesh, step, key, eight[step][key], one[step][key])
 
 
 def _train_cmd(data_dir, workdir, *extra):

@@ -118,30 +118,28 @@ def context(root: str, split: str = "val") -> SegDataset:
   return SegDataset("context", items, CONTEXT_CLASSES, has_background=True)
 
 
-def coco_object(root: str, split: str = "val2017") -> SegDataset:
-  """COCO-Object from COCO-Stuff-164k as the reference converts it: images/<split>/*.jpg,
-  annotations/<split>/*_instanceTrainIds.png (the 80 thing ids -> 1..80, the rest 0)."""
+def _jpeg_pairs(root: str, split: str, mask_suffix: str) -> list[tuple[str, str, str]]:
+  """(stem, images/<split>/<stem>.jpg, annotations/<split>/<stem><mask_suffix>) for every JPEG."""
   image_dir = os.path.join(root, "images", split)
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f"{image_dir!r} does not exist (expected images/{split}/, annotations/{split}/)")
   stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.endswith(".jpg"))
   if not stems:
     raise ValueError(f"{image_dir}: no images")
-  items = [(s, os.path.join(image_dir, s + ".jpg"),
-            os.path.join(root, "annotations", split, s + "_instanceTrainIds.png")) for s in stems]
+  return [(s, os.path.join(image_dir, s + ".jpg"), os.path.join(root, "annotations", split, s + mask_suffix))
+          for s in stems]
+
+
+def coco_object(root: str, split: str = "val2017") -> SegDataset:
+  """COCO-Object from COCO-Stuff-164k as the reference converts it: images/<split>/*.jpg,
+  annotations/<split>/*_instanceTrainIds.png (the 80 thing ids -> 1..80, the rest 0)."""
+  items = _jpeg_pairs(root, split, "_instanceTrainIds.png")
   return SegDataset("coco_object", items, COCO_OBJECT_CLASSES, has_background=True)
 
 
 def ade20k(root: str, split: str = "validation") -> SegDataset:
   """ADEChallengeData2016: images/<split>/*.jpg, annotations/<split>/*.png (0 unlabelled, 1..150)."""
-  image_dir = os.path.join(root, "images", split)
-  if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f"{image_dir!r} does not exist (expected images/{split}/, annotations/{split}/)")
-  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.endswith(".jpg"))
-  if not stems:
-    raise ValueError(f"{image_dir}: no images")
-  items = [(s, os.path.join(image_dir, s + ".jpg"), os.path.join(root, "annotations", split, s + ".png"))
-           for s in stems]
+  items = _jpeg_pairs(root, split, ".png")
   return SegDataset("ade20k", items, ADE20K_CLASSES, has_background=False, reduce_zero_label=True)
 
 

@@ -156,7 +156,11 @@ def test_remat_gives_identical_outputs_and_gradients():
   loss = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
       {"params": p, "batch_stats": variables["batch_stats"]}, images, text)["image_embeds"]**2)))(variables["params"])
   g, g_remat = loss(model), loss(model_remat)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_remat)
+  # Rematerialisation recomputes the forward inside the backward, where XLA may fuse (and so round)
+  # differently: equal up to float32 reassociation. Gradients that are mathematically zero (biases
+  # feeding BatchNorm) are pure rounding noise, hence an absolute floor relative to the largest gradient.
+  scale = max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g, g_remat)
 
 
 def test_short_text_gives_the_same_feature_as_full_context():
