@@ -49,7 +49,7 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   print(f"[demo] data ready in {time.time() - start:.0f} s; training {config.total_steps} steps "
         f"(batch {config.input.batch_size}), evaluating {eval_images} held-out images every "
         f"{config.eval_every} steps", flush=True)
-  untrained = untrained_result(config)
+  untrained = untrained_result(config, workdir)
   print(f"[demo] untrained model (random initialisation): held-out mIoU {untrained['mIoU']:.1f}", flush=True)
   train_start = time.time()
   train.train_and_evaluate(config, workdir, progress=_progress_printer(config.total_steps, train_start))
@@ -72,25 +72,21 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   return final
 
 
-def untrained_result(config) -> dict[str, Any]:
-  """The held-out evaluation of a randomly initialised model (the curve's first point)."""
+def untrained_result(config, workdir: str) -> dict[str, float]:
+  """The held-out evaluation of the randomly initialised model (the curve's first point), through the
+  same evaluator training uses; its pictures go to `<workdir>/eval/voc_step0`."""
+  import types  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from groupvit_jax.evaluators import seg_datasets  # pylint: disable=g-import-not-at-top
-  from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter  # pylint: disable=g-import-not-at-top
   from groupvit_jax.models import build_model, init_variables  # pylint: disable=g-import-not-at-top
-  from groupvit_jax.pp import tokenizers  # pylint: disable=g-import-not-at-top
   model = build_model(config.model)
-  size = config.model.image.image_size
-  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, size, config.input.context_length))(
-      jax.random.key(config.seed)))
+  variables = nn.unbox(jax.jit(lambda r: init_variables(
+      model, r, config.model.image.image_size, config.input.context_length))(jax.random.key(config.seed)))
   ev = dict(config.evals["heldout"])
-  dataset = seg_datasets.load("voc", ev["data_dir"])
-  segmenter = ZeroShotSegmenter(model, variables, dataset.text_classes, tokenizers.get_tokenizer(config.input.tokenizer),
-                                patch_size=config.model.image.patch_size, context_length=config.input.context_length,
-                                bg_threshold=ev["bg_threshold"], mode="whole", crop=size, stride=size,
-                                short_side=size, long_side=4 * size)
-  return evaluate.evaluate_segmentation(segmenter, dataset, None)
+  del ev["kind"]
+  evaluator = evaluate.SegmentationEvaluator(model, config, workdir, **ev)
+  return evaluator.run(types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"],
+                                             step=0))
 
 
 def _progress_printer(total_steps: int, start: float):
