@@ -32,7 +32,7 @@ _BACKGROUND_WORDS = {"solid": "plain", "gradient": "gradient", "stripes": "strip
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
 # VOC's palette for class ids (background black).
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128, 128, 128, 128,
-           64, 0, 0]
+           64, 0, 0, 192, 0, 0, 64, 128, 0]
 
 
 def _polygon(kind: str, n_points: int = 64) -> np.ndarray:
@@ -93,8 +93,12 @@ def _background(rng: np.random.Generator, size: int, kind: str, colors: list[str
   return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def render(seed: int, index: int, image_size: int = 64) -> dict[str, Any]:
+def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, ...] = BACKGROUND_KINDS,
+           max_objects: int = 3, object_size: tuple[float, float] = (0.2, 0.5)) -> dict[str, Any]:
   """Renders example `index` of the world with `seed`.
+
+  `backgrounds`, `max_objects` and `object_size` (fraction of the image side) define easier worlds; the
+  defaults are the standard world (changing them changes every example, not just the affected ones).
 
   Returns:
     dict with `image` [size, size, 3] uint8, `mask` [size, size] uint8 class ids (0 background),
@@ -102,9 +106,9 @@ def render(seed: int, index: int, image_size: int = 64) -> dict[str, Any]:
     (class, color, size fraction), `background` kind.
   """
   rng = np.random.default_rng([seed, index, image_size])
-  n_objects = int(rng.integers(1, 4))
+  n_objects = int(rng.integers(1, max_objects + 1))
   classes = [CLASSES[i] for i in rng.choice(len(CLASSES), n_objects, replace=False)]
-  bg_kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
+  bg_kind = backgrounds[int(rng.integers(len(backgrounds)))]
   names = list(COLORS)
   bg_colors = [names[i] for i in rng.choice(len(names), 2, replace=False)]
   if bg_kind in ("solid", "noise"):
@@ -115,7 +119,7 @@ def render(seed: int, index: int, image_size: int = 64) -> dict[str, Any]:
   objects = []
   for cls in classes:
     color = object_colors[int(rng.integers(len(object_colors)))]
-    frac = float(rng.uniform(0.2, 0.5))
+    frac = float(rng.uniform(*object_size))
     radius = frac * image_size / 2
     center = rng.uniform(radius * 0.6, image_size - radius * 0.6, size=2)
     angle = rng.uniform(0, 2 * np.pi) if cls != "circle" else 0.0
@@ -171,12 +175,20 @@ def _caption(rng: np.random.Generator, objects: list[dict[str, Any]], bg_kind: s
   return body
 
 
-def write_voc_layout(root: str, num_images: int, seed: int, image_size: int = 64) -> str:
+LABELS = ("shapes", "colors")
+
+
+def write_voc_layout(root: str, num_images: int, seed: int, image_size: int = 64, labels: str = "shapes") -> str:
   """Writes a PASCAL-VOC-style evaluation folder of the shapes world.
 
   Layout: `JPEGImages/*.png` (lossless, named .png), `SegmentationClass/*.png` (palette PNGs of class
   ids), `ImageSets/Segmentation/val.txt`, `classes.txt` (background first). Returns `root`.
+  `labels="colors"` labels each object's pixels with its colour name instead of its shape (classes:
+  background + the 10 colour words; object colours never occur in the background).
   """
+  if labels not in LABELS:
+    raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+  color_names = list(COLORS)
   import os  # pylint: disable=g-import-not-at-top
   for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
     os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -185,12 +197,18 @@ def write_voc_layout(root: str, num_images: int, seed: int, image_size: int = 64
     ex = render(seed, i, image_size)
     name = f"shapes_{seed}_{i:06d}"
     Image.fromarray(ex["image"]).save(os.path.join(root, "JPEGImages", name + ".png"))
-    mask = Image.fromarray(ex["mask"], mode="P")
+    ids = ex["mask"]
+    if labels == "colors":
+      by_class = np.zeros(len(CLASSES) + 1, np.uint8)
+      for obj in ex["objects"]:
+        by_class[CLASSES.index(obj["class"]) + 1] = color_names.index(obj["color"]) + 1
+      ids = by_class[ids]
+    mask = Image.fromarray(ids, mode="P")
     mask.putpalette(PALETTE)
     mask.save(os.path.join(root, "SegmentationClass", name + ".png"))
     names.append(name)
   with open(os.path.join(root, "ImageSets", "Segmentation", "val.txt"), "w") as f:
     f.write("\n".join(names) + "\n")
   with open(os.path.join(root, "classes.txt"), "w") as f:
-    f.write("\n".join((BACKGROUND,) + CLASSES) + "\n")
+    f.write("\n".join((BACKGROUND,) + (CLASSES if labels == "shapes" else tuple(color_names))) + "\n")
   return root

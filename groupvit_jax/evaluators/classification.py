@@ -15,14 +15,13 @@ import os
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from groupvit_jax.evaluators import register
 from groupvit_jax.evaluators.seg_datasets import IMAGE_EXTS
-from groupvit_jax.evaluators.segmentation import MEAN, STD, class_embeddings
+from groupvit_jax.evaluators.segmentation import MEAN, STD, cached_jit, class_embeddings
 from groupvit_jax.models.groupvit import l2_normalize
 from groupvit_jax.pp import tokenizers
 
@@ -80,12 +79,16 @@ def preprocess(path: str, size: int) -> np.ndarray:
   return (image - MEAN) / STD
 
 
+def _encode_images(model, variables, images):
+  return l2_normalize(model.apply(variables, images, method=model.encode_image)["image_embeds"])
+
+
 def zero_shot_classify(model, variables, dataset: ClassificationSet, tokenizer, *, image_size: int,
                        context_length: int, templates: str = "subset", batch_size: int = 32,
                        limit: int | None = None) -> dict[str, Any]:
   """Top-1 / top-5 accuracy (percent) of zero-shot classification over the folder."""
   text = class_embeddings(model, variables, dataset.classes, tokenizer, context_length, templates)
-  encode = jax.jit(lambda v, x: l2_normalize(model.apply(v, x, method=model.encode_image)["image_embeds"]))
+  encode = cached_jit(_encode_images, model)
   items = dataset.items[:limit] if limit else dataset.items
   k = min(5, len(dataset.classes))
   correct1 = correct5 = 0

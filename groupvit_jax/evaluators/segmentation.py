@@ -11,7 +11,7 @@ the per-scale scores are resized to the original size and averaged.
 """
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +26,29 @@ MEAN = np.asarray(pp_ops.IMAGENET_MEAN, np.float32) * 255
 STD = np.asarray(pp_ops.IMAGENET_STD, np.float32) * 255
 
 
+_JITTED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def cached_jit(fn, model, **static):
+  """One jitted `partial(fn, model, **static)` per (fn, model, static): periodic evaluations during
+  training build a new segmenter each time and would otherwise recompile both towers every time."""
+  key = (fn.__name__, id(model), tuple(sorted(static.items())))
+  if key not in _JITTED:  # The model is kept in the value so that its id is not reused.
+    _JITTED[key] = (model, jax.jit(functools.partial(fn, model, **static)))
+  return _JITTED[key][1]
+
+
+def _encode_text(model, variables, tokens):
+  return model.apply(variables, tokens, method=model.encode_text)
+
+
 def class_embeddings(model, variables, class_names: Sequence[str], tokenizer, context_length: int,
                      templates: str = "simple") -> jax.Array:
   """`[classes, proj]`: each class through every template, unnormalised embeddings averaged, L2-normalised."""
   template_list = get_templates(templates)
   texts = [t.format(name) for name in class_names for t in template_list]
   tokens = jnp.asarray(tokenizer(texts, context_length))
-  embeds = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))(variables, tokens)
+  embeds = cached_jit(_encode_text, model)(variables, tokens)
   embeds = embeds.reshape(len(class_names), len(template_list), -1).mean(axis=1)
   return l2_normalize(embeds)
 
@@ -119,8 +135,7 @@ class ZeroShotSegmenter:
     self.batch_size = batch_size
     self.text = class_embeddings(model, variables, class_names, tokenizer, context_length, templates)
     self.num_outputs = len(class_names) + (bg_threshold is not None)
-    self._scores = jax.jit(functools.partial(window_scores, model, patch_size=patch_size,
-                                             bg_threshold=bg_threshold))
+    self._scores = cached_jit(window_scores, model, patch_size=patch_size, bg_threshold=bg_threshold)
 
   def _run(self, windows: np.ndarray):
     return self._scores(self.variables, jnp.asarray(windows), self.text)
