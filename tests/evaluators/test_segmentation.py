@@ -52,6 +52,24 @@ def test_sliding_window_equals_whole_image_when_the_crop_covers_it(tiny):
   assert slide.shape == (48, 80)
 
 
+def test_segmenters_of_one_model_share_compiled_functions(tiny):
+  # Periodic evaluations during training build a segmenter each time: they must not recompile.
+  config, model, variables, tok = tiny
+  image = (np.random.RandomState(1).rand(32, 32, 3) * 255).astype(np.uint8)
+  first = _segmenter(tiny, list(shapes.CLASSES), mode="whole", crop=32, short_side=32)
+  first.predict(image)
+  misses = first._scores._cache_size()  # pylint: disable=protected-access
+  # New variables (a later training step), other names of the same count: same compiled function, no retrace.
+  later = jax.tree_util.tree_map(lambda x: x * 1.01, variables)
+  second = ZeroShotSegmenter(model, later, [f"big {c}" for c in shapes.CLASSES], tok, patch_size=4, context_length=16, mode="whole",
+                             crop=32, short_side=32, bg_threshold=0.5)
+  second.predict(image)
+  assert second._scores is first._scores  # pylint: disable=protected-access
+  assert first._scores._cache_size() == misses  # pylint: disable=protected-access
+  # A different threshold is a different computation.
+  assert _segmenter(tiny, ["ring"], bg_threshold=None)._scores is not first._scores  # pylint: disable=protected-access
+
+
 def test_voc_layout_shapes_world_end_to_end(tiny, tmp_path):
   root = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=6, seed=11, image_size=32)
   dataset = seg_datasets.load("voc", root)
