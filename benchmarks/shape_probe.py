@@ -33,7 +33,7 @@ flags.DEFINE_float("lr", 2e-3, "Peak learning rate (AdamW, 100 warmup steps, cos
 flags.DEFINE_integer("train_images", 30_000, "Distinct training images (seed 0).")
 flags.DEFINE_integer("eval_images", 1_000, "Held-out images (seed 1).")
 flags.DEFINE_integer("every", 100, "Evaluate every N steps.")
-flags.DEFINE_string("world", "{}", "JSON dict of shapes.render knobs: backgrounds, max_objects, object_size.")
+flags.DEFINE_string("world", "{}", "JSON dict of shapes.render knobs: backgrounds, max_objects, object_size, palette.")
 flags.DEFINE_bool("silhouettes", False, "Train and evaluate on binary object masks instead of the images.")
 FLAGS = flags.FLAGS
 

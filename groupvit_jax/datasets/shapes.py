@@ -94,11 +94,13 @@ def _background(rng: np.random.Generator, size: int, kind: str, colors: list[str
 
 
 def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, ...] = BACKGROUND_KINDS,
-           max_objects: int = 3, object_size: tuple[float, float] = (0.2, 0.5)) -> dict[str, Any]:
+           max_objects: int = 3, object_size: tuple[float, float] = (0.2, 0.5),
+           palette: tuple[str, ...] = tuple(COLORS)) -> dict[str, Any]:
   """Renders example `index` of the world with `seed`.
 
-  `backgrounds`, `max_objects` and `object_size` (fraction of the image side) define easier worlds; the
-  defaults are the standard world (changing them changes every example, not just the affected ones).
+  `backgrounds`, `max_objects`, `object_size` (fraction of the image side) and `palette` (colour names
+  drawn for background and objects) define easier worlds; the defaults are the standard world (changing
+  them changes every example, not just the affected ones).
 
   Returns:
     dict with `image` [size, size, 3] uint8, `mask` [size, size] uint8 class ids (0 background),
@@ -109,7 +111,10 @@ def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, 
   n_objects = int(rng.integers(1, max_objects + 1))
   classes = [CLASSES[i] for i in rng.choice(len(CLASSES), n_objects, replace=False)]
   bg_kind = backgrounds[int(rng.integers(len(backgrounds)))]
-  names = list(COLORS)
+  names = list(palette)
+  if len(names) < 2 or (len(names) < 3 and set(backgrounds) - {"solid", "noise"}):
+    raise ValueError(f"palette {tuple(palette)} leaves no object colour: two-colour backgrounds need 3+ colours, "
+                     "solid ones 2+")
   bg_colors = [names[i] for i in rng.choice(len(names), 2, replace=False)]
   if bg_kind in ("solid", "noise"):
     bg_colors = [bg_colors[0], bg_colors[0]]

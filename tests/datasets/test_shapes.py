@@ -75,6 +75,10 @@ def test_default_world_is_stable_and_easier_worlds_follow_their_knobs():
     ex = shapes.render(0, i, 64, backgrounds=("solid",), max_objects=1, object_size=(0.5, 0.6))
     assert ex["background"] == "solid" and len(ex["objects"]) == 1
     assert 0.5 <= ex["objects"][0]["size"] <= 0.6
+    mono = shapes.render(0, i, 64, backgrounds=("solid",), palette=("black", "white"))
+    assert {tuple(c) for c in mono["image"].reshape(-1, 3)} <= {shapes.COLORS["black"], shapes.COLORS["white"]}
+  with pytest.raises(ValueError, match="leaves no object colour"):
+    shapes.render(0, 0, 64, palette=("black", "white"))  # striped backgrounds take both colours
 
 
 def test_color_labels_name_each_objects_colour(tmp_path):
