@@ -4,6 +4,7 @@ Every parameter carries logical axis names (see `groupvit_jax.sharding`) so the 
 compute runs in `dtype` over float32 parameters, with softmaxes kept in float32.
 """
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -69,9 +70,16 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+_SQRT_HALF = math.sqrt(0.5)  # a Python float: weakly typed, keeps x.dtype
+
+
 def exact_gelu(x: jax.Array) -> jax.Array:
-  """GELU with erf, as PyTorch's nn.GELU() (not the tanh approximation)."""
-  return jax.nn.gelu(x, approximate=False)
+  """GELU with erf, as PyTorch's nn.GELU() (not the tanh approximation): 0.5 x (1 + erf(x / sqrt 2)).
+
+  PyTorch's own formula. jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU evaluates
+  ~2.7x slower (forward; 1.7x with the gradient) for the same float32 accuracy.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
 class Mlp(nn.Module):
