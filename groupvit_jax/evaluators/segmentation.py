@@ -32,7 +32,7 @@ _JITTED: dict[tuple, tuple[Any, Any]] = {}
 def cached_jit(fn, model, **static):
   """One jitted `partial(fn, model, **static)` per (fn, model, static): periodic evaluations during
   training build a new segmenter each time and would otherwise recompile both towers every time."""
-  key = (fn.__name__, id(model), tuple(sorted(static.items())))
+  key = (fn, id(model), tuple(sorted(static.items())))
   if key not in _JITTED:  # The model is kept in the value so that its id is not reused.
     _JITTED[key] = (model, jax.jit(functools.partial(fn, model, **static)))
   return _JITTED[key][1]
