@@ -10,14 +10,13 @@ warm-up image (compilation excluded, reported separately).
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import numpy as np
 
 from groupvit_jax import config_lib
 from groupvit_jax.evaluators import seg_datasets
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter, slide_windows, test_time_resize_shape
-from groupvit_jax.models import build_model, init_variables
+from groupvit_jax.models import build_model, random_variables
 from groupvit_jax.pp.tokenizers import ClipBpeTokenizer
 
 flags.DEFINE_string("config", "configs/groupvit_s.py", "Model config.")
@@ -34,8 +33,7 @@ def main(argv):
   config.model.dtype = FLAGS.dtype
   model = build_model(config.model)
   m = config.model
-  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, m.image.image_size, m.text.context_length))(
-      jax.random.key(0)))
+  variables = random_variables(model, m, jax.random.key(0))
   seg = ZeroShotSegmenter(model, variables, seg_datasets.VOC_CLASSES[1:], ClipBpeTokenizer(),
                           patch_size=m.image.patch_size, context_length=config.input.context_length)
   rng = np.random.RandomState(0)

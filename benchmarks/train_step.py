@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from groupvit_jax import config_lib, optim, train
-from groupvit_jax.models import build_model, init_variables
+from groupvit_jax.models import build_model, random_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
 flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
@@ -86,8 +86,7 @@ def ours_forward(config, b, dtype, rng):
   config = config_lib.load_config(FLAGS.config)
   config.model.dtype = dtype
   model = build_model(config.model)
-  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, config.model.image.image_size,
-                                                        config.input.context_length))(jax.random.key(0)))
+  variables = random_variables(model, config.model, jax.random.key(0))
   images, text = _batch(config, b, FLAGS.prompts, rng)
   forward = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)["image_embeds"])
   x, t = jnp.asarray(images), jnp.asarray(text)

@@ -14,14 +14,17 @@
 import json
 import os
 import time
+import types
 from typing import Any
 
 from absl import app, flags, logging
+import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
 from groupvit_jax import evaluate, train
 from groupvit_jax.datasets import shapes, shapes_tfds, sources
+from groupvit_jax.models import build_model, random_variables
 
 HELDOUT_SEED = shapes_tfds.SPLIT_SEEDS["validation"]  # training reads seed 0 only
 
@@ -75,13 +78,8 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
 def untrained_result(config, workdir: str) -> dict[str, float]:
   """The held-out evaluation of the randomly initialised model (the curve's first point), through the
   same evaluator training uses; its pictures go to `<workdir>/eval/voc_step0`."""
-  import types  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from groupvit_jax.models import build_model, init_variables  # pylint: disable=g-import-not-at-top
   model = build_model(config.model)
-  variables = nn.unbox(jax.jit(lambda r: init_variables(
-      model, r, config.model.image.image_size, config.input.context_length))(jax.random.key(config.seed)))
+  variables = random_variables(model, config.model, jax.random.key(config.seed))
   ev = dict(config.evals["heldout"])
   del ev["kind"]
   evaluator = evaluate.SegmentationEvaluator(model, config, workdir, **ev)

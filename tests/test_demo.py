@@ -15,7 +15,7 @@ def test_short_demo_end_to_end(shapes_data_dir, tmp_path, capsys):
   config = config_lib.load_config(
       f"configs/demo.py:data_dir={shapes_data_dir},world=tiny32,size=32,patch=4,steps={STEPS},warmup=5")
   config.log_every = 10
-  config.eval_every = 20  # one evaluation, at the end (each one compiles the segmenter anew)
+  config.eval_every = 20  # one evaluation, at the end (the untrained baseline is the curve's other point)
   workdir = str(tmp_path / "demo")
   result = demo.run(config, workdir, eval_images=EVAL_IMAGES)
   out = capsys.readouterr().out

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import ml_collections
 
-from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables
+from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables, random_variables
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -26,4 +26,4 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       remat=config.remat)
 
 
-__all__ = ["GroupViT", "build_model", "count_params", "init_variables"]
+__all__ = ["GroupViT", "build_model", "count_params", "init_variables", "random_variables"]

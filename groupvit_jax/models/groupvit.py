@@ -133,6 +133,12 @@ def init_variables(model: GroupViT, rng: jax.Array, image_size: int, context_len
                     train=False)
 
 
+def random_variables(model: GroupViT, model_config: Any, rng: jax.Array) -> dict[str, Any]:
+  """Unboxed variables of a freshly initialised model (jitted init; `model_config` is `config.model`)."""
+  return nn.unbox(jax.jit(lambda r: init_variables(model, r, model_config.image.image_size,
+                                                   model_config.text.context_length))(rng))
+
+
 def count_params(params: Any) -> int:
   """Total number of parameter scalars."""
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))

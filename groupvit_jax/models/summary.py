@@ -6,12 +6,11 @@
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from groupvit_jax import config_lib
-from groupvit_jax.models import build_model, count_params, init_variables
+from groupvit_jax.models import build_model, count_params, random_variables
 
 flags.DEFINE_string("config", "configs/groupvit_s.py", "Config file (path[:arg]).")
 flags.DEFINE_integer("batch", 2, "Batch for the forward pass.")
@@ -25,8 +24,7 @@ def main(argv):
   m = config.model
   model = build_model(m)
   start = time.perf_counter()
-  variables = nn.unbox(jax.jit(lambda r: init_variables(model, r, m.image.image_size,
-                                                        m.text.context_length))(jax.random.key(0)))
+  variables = random_variables(model, m, jax.random.key(0))
   params = variables["params"]
   print(f"{'part':<26}{'parameters':>14}")
   for name in sorted(params):
