@@ -29,11 +29,22 @@ from groupvit_jax.models import build_model, random_variables
 HELDOUT_SEED = shapes_tfds.SPLIT_SEEDS["validation"]  # training reads seed 0 only
 
 
+def training_world(config) -> str:
+  """The `shapes.WORLDS` name of the shapes-world builder config training reads."""
+  name = config.input.data[0]["config"]
+  by_name = {c.name: c for c in shapes_tfds.ShapesWorld.BUILDER_CONFIGS}
+  if name not in by_name:
+    raise ValueError(f"the demo trains on the shapes world; config.input.data[0].config must be one of "
+                     f"{tuple(by_name)}, got {name!r}")
+  return by_name[name].world
+
+
 def heldout_evals(config, root: str, num_images: int, bg_threshold: float) -> dict[str, Any]:
-  """The evaluator config for the held-out shapes split (written once under `root`)."""
+  """The evaluator config for the held-out shapes split of training's world (written once under `root`)."""
   size = config.model.image.image_size
   if not os.path.exists(os.path.join(root, "classes.txt")):
-    shapes.write_voc_layout(root + ".tmp", num_images, seed=HELDOUT_SEED, image_size=size)
+    shapes.write_voc_layout(root + ".tmp", num_images, seed=HELDOUT_SEED, image_size=size,
+                            world=training_world(config))
     os.replace(root + ".tmp", root)
   return {"heldout": dict(kind="segmentation", dataset="voc", data_dir=root, mode="whole", short_side=size,
                           long_side=4 * size, crop=size, stride=size, bg_threshold=bg_threshold,
@@ -46,7 +57,7 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   start = time.time()
   print(f"[demo] generating the shapes world under {config.input.data[0]['data_dir']} (once) ...", flush=True)
   sources.prepare(config.input.data)
-  root = os.path.join(config.input.data[0]["data_dir"], f"shapes_heldout_seed{HELDOUT_SEED}_"
+  root = os.path.join(config.input.data[0]["data_dir"], f"shapes_heldout_{training_world(config)}_seed{HELDOUT_SEED}_"
                       f"{config.model.image.image_size}px_{eval_images}")
   config.evals = heldout_evals(config, root, eval_images, bg_threshold)
   print(f"[demo] data ready in {time.time() - start:.0f} s; training {config.total_steps} steps "

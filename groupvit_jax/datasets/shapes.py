@@ -11,6 +11,11 @@ tests run anywhere. Keep it stable; example `i` of seed `s` is a pure function o
   in order (later objects occlude earlier ones; masks hold the visible pixels).
 - Captions vary in template and word order, name every object, sometimes with colour/size/count,
   and sometimes mention the background.
+
+Named worlds (`WORLDS`, the `world` of the TFDS configs and of `write_voc_layout`): "standard" is the
+above; "coded" paints every class in its own colour (`CLASS_COLORS`) on black/white/grey backgrounds,
+so that grouping by colour is enough to segment: the demo's world, learnable from scratch in CPU-minutes
+(the standard world's colour-independent shapes are not; see benchmarks/shape_probe.py and the README).
 """
 
 import math
@@ -30,6 +35,10 @@ BACKGROUND_KINDS = ("solid", "gradient", "stripes", "checkerboard", "noise")
 _BACKGROUND_WORDS = {"solid": "plain", "gradient": "gradient", "stripes": "striped",
                      "checkerboard": "checkered", "noise": "noisy"}
 _NUMBERS = {1: "one", 2: "two", 3: "three"}
+# The "coded" world's colour of each class; its backgrounds take the colours no class has.
+CLASS_COLORS = {"circle": "red", "square": "green", "triangle": "blue", "star": "yellow", "heart": "purple",
+                "cross": "orange", "diamond": "pink", "hexagon": "brown"}
+WORLDS = {"standard": {}, "coded": {"class_colors": True}}
 # VOC's palette for class ids (background black).
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128, 128, 128, 128,
            64, 0, 0, 192, 0, 0, 64, 128, 0]
@@ -95,12 +104,13 @@ def _background(rng: np.random.Generator, size: int, kind: str, colors: list[str
 
 def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, ...] = BACKGROUND_KINDS,
            max_objects: int = 3, object_size: tuple[float, float] = (0.2, 0.5),
-           palette: tuple[str, ...] = tuple(COLORS)) -> dict[str, Any]:
+           palette: tuple[str, ...] = tuple(COLORS), class_colors: bool = False) -> dict[str, Any]:
   """Renders example `index` of the world with `seed`.
 
   `backgrounds`, `max_objects`, `object_size` (fraction of the image side) and `palette` (colour names
   drawn for background and objects) define easier worlds; the defaults are the standard world (changing
-  them changes every example, not just the affected ones).
+  them changes every example, not just the affected ones). `class_colors` paints each class in
+  `CLASS_COLORS[class]` and draws backgrounds from the palette's other colours.
 
   Returns:
     dict with `image` [size, size, 3] uint8, `mask` [size, size] uint8 class ids (0 background),
@@ -112,7 +122,12 @@ def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, 
   classes = [CLASSES[i] for i in rng.choice(len(CLASSES), n_objects, replace=False)]
   bg_kind = backgrounds[int(rng.integers(len(backgrounds)))]
   names = list(palette)
-  if len(names) < 2 or (len(names) < 3 and set(backgrounds) - {"solid", "noise"}):
+  if class_colors:
+    names = [c for c in names if c not in CLASS_COLORS.values()]
+    if len(names) < 2:
+      raise ValueError(f"palette {tuple(palette)} leaves no background colour besides the class colours "
+                       f"{tuple(CLASS_COLORS.values())}; expected 2+")
+  elif len(names) < 2 or (len(names) < 3 and set(backgrounds) - {"solid", "noise"}):
     raise ValueError(f"palette {tuple(palette)} leaves no object colour: two-colour backgrounds need 3+ colours, "
                      "solid ones 2+")
   bg_colors = [names[i] for i in rng.choice(len(names), 2, replace=False)]
@@ -123,7 +138,7 @@ def render(seed: int, index: int, image_size: int = 64, backgrounds: tuple[str, 
   mask = np.zeros((image_size, image_size), np.uint8)
   objects = []
   for cls in classes:
-    color = object_colors[int(rng.integers(len(object_colors)))]
+    color = CLASS_COLORS[cls] if class_colors else object_colors[int(rng.integers(len(object_colors)))]
     frac = float(rng.uniform(*object_size))
     radius = frac * image_size / 2
     center = rng.uniform(radius * 0.6, image_size - radius * 0.6, size=2)
@@ -183,23 +198,27 @@ def _caption(rng: np.random.Generator, objects: list[dict[str, Any]], bg_kind: s
 LABELS = ("shapes", "colors")
 
 
-def write_voc_layout(root: str, num_images: int, seed: int, image_size: int = 64, labels: str = "shapes") -> str:
+def write_voc_layout(root: str, num_images: int, seed: int, image_size: int = 64, labels: str = "shapes",
+                     world: str = "standard") -> str:
   """Writes a PASCAL-VOC-style evaluation folder of the shapes world.
 
   Layout: `JPEGImages/*.png` (lossless, named .png), `SegmentationClass/*.png` (palette PNGs of class
   ids), `ImageSets/Segmentation/val.txt`, `classes.txt` (background first). Returns `root`.
   `labels="colors"` labels each object's pixels with its colour name instead of its shape (classes:
-  background + the 10 colour words; object colours never occur in the background).
+  background + the 10 colour words; object colours never occur in the background). `world` names one
+  of `WORLDS`.
   """
   if labels not in LABELS:
     raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+  if world not in WORLDS:
+    raise ValueError(f"world must be one of {tuple(WORLDS)}, got {world!r}")
   color_names = list(COLORS)
   import os  # pylint: disable=g-import-not-at-top
   for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
     os.makedirs(os.path.join(root, sub), exist_ok=True)
   names = []
   for i in range(num_images):
-    ex = render(seed, i, image_size)
+    ex = render(seed, i, image_size, **WORLDS[world])
     name = f"shapes_{seed}_{i:06d}"
     Image.fromarray(ex["image"]).save(os.path.join(root, "JPEGImages", name + ".png"))
     ids = ex["mask"]

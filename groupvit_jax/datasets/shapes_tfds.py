@@ -20,8 +20,9 @@ SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
 @dataclasses.dataclass
 class ShapesWorldConfig(tfds.core.BuilderConfig):
-  """Image size and split sizes of a shapes-world variant."""
+  """Image size, world (`shapes.WORLDS`) and split sizes of a shapes-world variant."""
   image_size: int = 64
+  world: str = "standard"
   num_train: int = 20_000
   num_validation: int = 500
   num_test: int = 500
@@ -37,6 +38,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       ShapesWorldConfig(name="size224", image_size=224, num_train=5_000),
       ShapesWorldConfig(name="tiny32", image_size=32, num_train=2_000, num_validation=200, num_test=200),
       ShapesWorldConfig(name="size32", image_size=32, num_train=50_000, num_validation=500, num_test=500),
+      ShapesWorldConfig(name="coded64", image_size=64, world="coded"),
+      ShapesWorldConfig(name="coded32", image_size=32, world="coded", num_train=50_000),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -62,6 +65,6 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, seed: int, num: int):
     for i in range(num):
-      ex = shapes.render(seed, i, self.builder_config.image_size)
+      ex = shapes.render(seed, i, self.builder_config.image_size, **shapes.WORLDS[self.builder_config.world])
       yield i, {"image": ex["image"], "mask": ex["mask"][..., None], "caption": ex["caption"],
                 "nouns": ex["nouns"], "index": i}

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from groupvit_jax.datasets import shapes
+from groupvit_jax.datasets import shapes, shapes_tfds
 
 
 def test_same_seed_same_example_and_seeds_differ():
@@ -79,6 +79,30 @@ def test_default_world_is_stable_and_easier_worlds_follow_their_knobs():
     assert {tuple(c) for c in mono["image"].reshape(-1, 3)} <= {shapes.COLORS["black"], shapes.COLORS["white"]}
   with pytest.raises(ValueError, match="leaves no object colour"):
     shapes.render(0, 0, 64, palette=("black", "white"))  # striped backgrounds take both colours
+
+
+def test_coded_world_paints_each_class_in_its_colour_on_colours_no_class_has(tmp_path):
+  class_rgb = {shapes.COLORS[c] for c in shapes.CLASS_COLORS.values()}
+  for i in range(30):
+    ex = shapes.render(2, i, 48, **shapes.WORLDS["coded"])
+    for obj in ex["objects"]:
+      assert obj["color"] == shapes.CLASS_COLORS[obj["class"]]
+      pixels = ex["image"][ex["mask"] == shapes.CLASSES.index(obj["class"]) + 1]
+      assert np.all(pixels == shapes.COLORS[obj["color"]]), (i, obj)
+    background = {tuple(int(v) for v in p) for p in ex["image"][ex["mask"] == 0]}
+    assert not background & class_rgb, (i, ex["background"])
+  root = shapes.write_voc_layout(str(tmp_path / "coded"), num_images=3, seed=2, image_size=48, world="coded")
+  img = np.asarray(Image.open(os.path.join(root, "JPEGImages", "shapes_2_000001.png")))
+  np.testing.assert_array_equal(img, shapes.render(2, 1, 48, class_colors=True)["image"])
+  with pytest.raises(ValueError, match="leaves no background colour besides the class colours"):
+    shapes.render(0, 0, 48, palette=("red", "white"), class_colors=True)
+  with pytest.raises(ValueError, match=r"world must be one of \('standard', 'coded'\), got 'easy'"):
+    shapes.write_voc_layout(str(tmp_path / "bad"), 1, seed=0, world="easy")
+  # The TFDS configs named coded* generate this world, the others the standard one.
+  builder = shapes_tfds.ShapesWorld(config="coded64", data_dir=str(tmp_path / "tfds"))
+  (_, first), = list(builder._generate_examples(0, 1))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(first["image"], shapes.render(0, 0, 64, class_colors=True)["image"])
+  assert shapes_tfds.ShapesWorld(config="size64", data_dir=str(tmp_path / "tfds")).builder_config.world == "standard"
 
 
 def test_color_labels_name_each_objects_colour(tmp_path):
