@@ -39,6 +39,12 @@ def training_world(config) -> str:
   return by_name[name].world
 
 
+def heldout_root(config, num_images: int) -> str:
+  """Where the held-out split of training's world, image size and length lives (next to the data)."""
+  return os.path.join(config.input.data[0]["data_dir"], f"shapes_heldout_{training_world(config)}_seed{HELDOUT_SEED}_"
+                      f"{config.model.image.image_size}px_{num_images}")
+
+
 def heldout_evals(config, root: str, num_images: int, bg_threshold: float) -> dict[str, Any]:
   """The evaluator config for the held-out shapes split of training's world (written once under `root`)."""
   size = config.model.image.image_size
@@ -57,9 +63,7 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   start = time.time()
   print(f"[demo] generating the shapes world under {config.input.data[0]['data_dir']} (once) ...", flush=True)
   sources.prepare(config.input.data)
-  root = os.path.join(config.input.data[0]["data_dir"], f"shapes_heldout_{training_world(config)}_seed{HELDOUT_SEED}_"
-                      f"{config.model.image.image_size}px_{eval_images}")
-  config.evals = heldout_evals(config, root, eval_images, bg_threshold)
+  config.evals = heldout_evals(config, heldout_root(config, eval_images), eval_images, bg_threshold)
   print(f"[demo] data ready in {time.time() - start:.0f} s; training {config.total_steps} steps "
         f"(batch {config.input.batch_size}), evaluating {eval_images} held-out images every "
         f"{config.eval_every} steps", flush=True)
