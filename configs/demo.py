@@ -9,7 +9,8 @@ Arguments (`configs/demo.py:key=value,...`) choose the variant the README's abla
   stages=1           one grouping stage (8 groups) instead of two (16 -> 8)
   stages=0           a plain ViT (no grouping): pixels take the class of their patch's embedding
   steps, batch, lr, warmup, size, patch, dim, crop (smallest crop area; 1: none), templates (of the
-  training prompts): the recipe's knobs; world: the shapes-world builder config (default size<size>).
+  training prompts): the recipe's knobs; world: the shapes-world builder config (default coded<size>,
+  the world where each class has its own colour; size<size> is the standard world of random colours).
 """
 
 import os
@@ -22,7 +23,7 @@ from groupvit_jax import config_lib
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(
       arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
-      stages=2, steps=1000, batch=64, lr=2e-3, size=64, patch=8, dim=64, warmup=100, crop=1.0, templates="simple",
+      stages=2, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
       world="")
   config = config_lib.training_defaults()
   model = config_lib.groupvit_s_model()
@@ -41,7 +42,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.model = model
   crop = f"random_resized_crop({arg.size}, scale=({arg.crop}, 1.0))|" if arg.crop < 1 else ""
   config.input.update(
-      data=[dict(kind="shapes", config=arg.world or f"size{arg.size}", split="train", data_dir=arg.data_dir)],
+      data=[dict(kind="shapes", config=arg.world or f"coded{arg.size}", split="train", data_dir=arg.data_dir)],
       pp=f"decode|{crop}flip|normalize|nouns|prompts(3, templates={arg.templates!r})",
       context_length=16, batch_size=arg.batch, num_examples=50_000)
   config.loss.multi_label_weight = float(arg.multi_label)

@@ -59,6 +59,9 @@ def heldout_evals(config, root: str, num_images: int, bg_threshold: float) -> di
 
 def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5) -> dict[str, Any]:
   """Trains and evaluates; returns the final held-out result (metrics.json of the last evaluation)."""
+  if not config.eval_every or config.total_steps % config.eval_every:
+    raise ValueError(f"the demo evaluates the final step: eval_every ({config.eval_every}) must divide the "
+                     f"{config.total_steps} training steps")
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   print(f"[demo] generating the shapes world under {config.input.data[0]['data_dir']} (once) ...", flush=True)
@@ -180,7 +183,7 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config (path[:arg]).", lock_config=False)
   flags.DEFINE_string("workdir", "/tmp/groupvit_jax_demo", "Where checkpoints, metrics and pictures go.")
-  flags.DEFINE_integer("eval_every", 250, "Evaluate the held-out split every N steps (the curve).")
+  flags.DEFINE_integer("eval_every", 300, "Evaluate the held-out split every N steps (the curve).")
   flags.DEFINE_integer("eval_images", 200, "Held-out images (seed training never saw).")
   flags.DEFINE_float("bg_threshold", 0.5, "Background threshold of the zero-shot segmentation.")
 

@@ -16,10 +16,10 @@ import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
-  """One prepared copy of the tiny shapes world, shared by all test workers."""
+  """One prepared copy of the tiny shapes worlds (standard and coded), shared by all test workers."""
   root = tmp_path_factory.getbasetemp().parent / "shared_tfds"
   root.mkdir(exist_ok=True)
   with filelock.FileLock(str(root) + ".lock"):
     from groupvit_jax.datasets import sources  # pylint: disable=g-import-not-at-top
-    sources.prepare([{"kind": "shapes", "config": "tiny32", "data_dir": str(root)}])
+    sources.prepare([{"kind": "shapes", "config": name, "data_dir": str(root)} for name in ("tiny32", "codedtiny32")])
   return str(root)

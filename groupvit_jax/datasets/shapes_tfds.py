@@ -40,6 +40,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
       ShapesWorldConfig(name="size32", image_size=32, num_train=50_000, num_validation=500, num_test=500),
       ShapesWorldConfig(name="coded64", image_size=64, world="coded"),
       ShapesWorldConfig(name="coded32", image_size=32, world="coded", num_train=50_000),
+      ShapesWorldConfig(name="codedtiny32", image_size=32, world="coded", num_train=2_000, num_validation=200,
+                        num_test=200),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
