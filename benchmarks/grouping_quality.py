@@ -48,16 +48,16 @@ def main(argv):
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   else:
     variables = evaluate.load_checkpoint_variables(FLAGS.workdir, config.model)
-  size = config.model.image.image_size
-  root = FLAGS.data
-  if root is None:  # the demo's own held-out split (written if missing)
-    root = demo.heldout_evals(config, demo.heldout_root(config, FLAGS.images), FLAGS.images,
-                              FLAGS.bg_threshold)["heldout"]["data_dir"]
+  if FLAGS.data is None:  # the demo's own held-out split (written if missing)
+    ev = demo.heldout_evals(config, demo.heldout_root(config, FLAGS.images), FLAGS.images, FLAGS.bg_threshold)["heldout"]
+  else:
+    ev = demo.heldout_evaluator(config, FLAGS.data, FLAGS.bg_threshold)
+  root = ev["data_dir"]
   dataset = seg_datasets.load("voc", root)
   segmenter = ZeroShotSegmenter(
       model, variables, dataset.text_classes, tokenizers.get_tokenizer(config.input.tokenizer),
       patch_size=config.model.image.patch_size, context_length=config.input.context_length,
-      bg_threshold=FLAGS.bg_threshold, mode="whole", short_side=size, long_side=4 * size, crop=size, stride=size)
+      **{k: ev[k] for k in ("bg_threshold", "mode", "short_side", "long_side", "crop", "stride")})
   n = len(dataset.classes)
   zero_shot, oracle, used = miou.ConfusionMatrix(n), [], []
   for item in dataset.items[:FLAGS.images]:
@@ -71,7 +71,7 @@ def main(argv):
       groups = np.asarray(groups)
       if groups.shape != mask.shape:
         raise ValueError(f"group map {groups.shape} differs from mask {mask.shape}: use a held-out split at "
-                         f"the model's image size ({size})")
+                         f"the model's image size ({config.model.image.image_size})")
       oracle[s].update(oracle_labels(groups, mask, n), mask)
       used[s].append(len(np.unique(groups)))
   pct = lambda m: 100 * miou.metrics_from_confusion(m.matrix)["mIoU"]

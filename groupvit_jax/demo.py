@@ -45,16 +45,20 @@ def heldout_root(config, num_images: int) -> str:
                       f"{config.model.image.image_size}px_{num_images}")
 
 
+def heldout_evaluator(config, root: str, bg_threshold: float) -> dict[str, Any]:
+  """How the demo evaluates a held-out folder: whole images at the model's size, background threshold."""
+  size = config.model.image.image_size
+  return dict(kind="segmentation", dataset="voc", data_dir=root, mode="whole", short_side=size, long_side=4 * size,
+              crop=size, stride=size, bg_threshold=bg_threshold, num_pictures=16)
+
+
 def heldout_evals(config, root: str, num_images: int, bg_threshold: float) -> dict[str, Any]:
   """The evaluator config for the held-out shapes split of training's world (written once under `root`)."""
-  size = config.model.image.image_size
   if not os.path.exists(os.path.join(root, "classes.txt")):
-    shapes.write_voc_layout(root + ".tmp", num_images, seed=HELDOUT_SEED, image_size=size,
+    shapes.write_voc_layout(root + ".tmp", num_images, seed=HELDOUT_SEED, image_size=config.model.image.image_size,
                             world=training_world(config))
     os.replace(root + ".tmp", root)
-  return {"heldout": dict(kind="segmentation", dataset="voc", data_dir=root, mode="whole", short_side=size,
-                          long_side=4 * size, crop=size, stride=size, bg_threshold=bg_threshold,
-                          num_pictures=16)}
+  return {"heldout": heldout_evaluator(config, root, bg_threshold)}
 
 
 def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5) -> dict[str, Any]:
