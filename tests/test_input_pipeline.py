@@ -22,11 +22,6 @@ def clip():
   return tokenizers.ClipBpeTokenizer()
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _config(data, pp=PP):
   return ml_collections.ConfigDict(dict(data=data, pp=pp, context_length=16))
 
@@ -47,8 +42,8 @@ def _assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_batches_are_deterministic_and_resume_exactly(clip, shapes_dir):
-  config = _config([dict(kind="shapes", config="tiny32", split="train", data_dir=shapes_dir)])
+def test_batches_are_deterministic_and_resume_exactly(clip, shapes_data_dir):
+  config = _config([dict(kind="shapes", config="tiny32", split="train", data_dir=shapes_data_dir)])
   run, it = _batches(config, clip, 6)
   assert run[0]["image"].shape == (8, 32, 32, 3) and run[0]["image"].dtype == np.float32
   assert run[0]["text"].shape == (8, 4, 16) and run[0]["text"].dtype == np.int32
@@ -60,8 +55,8 @@ def test_batches_are_deterministic_and_resume_exactly(clip, shapes_dir):
   _assert_batches_equal(run[3:], resumed)
 
 
-def test_hosts_get_different_data(clip, shapes_dir):
-  config = _config([dict(kind="shapes", config="tiny32", split="train", data_dir=shapes_dir)])
+def test_hosts_get_different_data(clip, shapes_data_dir):
+  config = _config([dict(kind="shapes", config="tiny32", split="train", data_dir=shapes_data_dir)])
   a, _ = _batches(config, clip, 1, process_index=0, process_count=2)
   b, _ = _batches(config, clip, 1, process_index=1, process_count=2)
   assert not np.array_equal(a[0]["image"], b[0]["image"])
@@ -120,11 +115,11 @@ def test_bad_input_is_skipped_or_handled_and_counted(clip, tmp_path):
   assert (it.position, it.skipped) == (9, 3), it.counters()
 
 
-def test_start_up_errors_name_the_problem(clip, tmp_path, shapes_dir):
+def test_start_up_errors_name_the_problem(clip, tmp_path, shapes_data_dir):
   with pytest.raises(FileNotFoundError, match=r"no files match '.*/nothing-\*\.tfrecord'"):
     sources.expand_patterns([str(tmp_path / "nothing-*.tfrecord")])
   with pytest.raises(ValueError, match="TFDS dataset 'no_such_dataset' is not known"):
-    sources.tfds_source("no_such_dataset", "train", seed=0, data_dir=shapes_dir)
+    sources.tfds_source("no_such_dataset", "train", seed=0, data_dir=shapes_data_dir)
   path = str(tmp_path / "allbad.tfrecord")
   _write_records(path, [(b"not an image", b"a cat")] * 20)
   config = _config([dict(kind="tfrecord", patterns=[path])])
