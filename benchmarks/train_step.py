@@ -6,9 +6,14 @@
 One step = forward of both towers on the image batch and the caption + K prompts per image, the
 contrastive and multi-label losses, backward, AdamW update (gradient clipping included). The PyTorch
 side runs the same computation with the same dimensions, batch and threads; the two are timed
-alternately so machine noise hits both. FLOPs are XLA's cost analysis of our compiled step (the
-count of the operations actually run); MFU = achieved FLOP/s over --peak_tflops (or the table below
-for known accelerators). Peak host memory is the process's max RSS.
+alternately so machine noise hits both. FLOPs are the analytic count of the model's matrix products
+(groupvit_jax/models/flops.py, x3 for forward + backward); XLA's cost analysis of our compiled step
+(which also counts elementwise work) is printed next to it. MFU = achieved analytic FLOP/s over
+--peak_tflops (or the table below for known accelerators). Peak host memory is the process's max RSS.
+
+Prompts: with the config's `input.prompt_length` (GroupViT-S: 24) ours encodes the K prompts at that
+length and the caption at the context length (the same embeddings, see GroupViT.__call__); PyTorch
+runs the official layout, every text at the context length. --prompt_length=0 runs ours that way too.
 """
 
 import os
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from groupvit_jax import config_lib, optim, train
-from groupvit_jax.models import build_model, random_variables
+from groupvit_jax.models import build_model, flops, random_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
 flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
@@ -33,19 +38,39 @@ flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
 flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: table for known devices).")
 flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
 flags.DEFINE_bool("forward", True, "Also time the eval-mode forward pass (ours vs PyTorch).")
+flags.DEFINE_integer("prompt_length", None, "Ours: prompts at this length (default: the config's "
+                     "input.prompt_length; 0: at the context length, in one array with the caption).")
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (bf16 where it applies).
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0}
 
 
+def _prompt_length(config):
+  n = FLAGS.prompt_length if FLAGS.prompt_length is not None else config.input.get("prompt_length")
+  return n or None
+
+
 def _batch(config, b, k, rng):
+  """Images and texts [b, 1 + k, context]: captions of half the context, prompts of up to 10 tokens
+  ("a photo of a dog." is 8)."""
   size, ctx, vocab = config.model.image.image_size, config.input.context_length, config.model.text.vocab_size
   images = rng.randn(b, size, size, 3).astype(np.float32)
   text = rng.randint(1, vocab - 2, size=(b, 1 + k, ctx)).astype(np.int32)
-  text[..., 0], text[..., ctx // 2] = vocab - 2, vocab - 1  # SOT ... EOT
-  text[..., ctx // 2 + 1:] = 0
+  ends = np.full(1 + k, ctx // 2)
+  ends[1:] = min(9, ctx // 2)
+  for i, end in enumerate(ends):
+    text[:, i, 0], text[:, i, end] = vocab - 2, vocab - 1  # SOT ... EOT
+    text[:, i, end + 1:] = 0
   return images, text
+
+
+def _our_inputs(config, text):
+  """{"text"} in one array, or {"text", "prompts"} with the prompts at their own length."""
+  n = _prompt_length(config)
+  if n and text.shape[1] > 1:
+    return {"text": jnp.asarray(text[:, 0]), "prompts": jnp.asarray(text[:, 1:, :n])}
+  return {"text": jnp.asarray(text)}
 
 
 def ours(config, b, dtype, rng):
@@ -60,13 +85,13 @@ def ours(config, b, dtype, rng):
     state, _ = train.init_sharded_state(model, tx, config, mesh, jax.random.key(0))
     step = jax.jit(train.make_train_step(model, tx, schedule, config, jax.random.key(1)), donate_argnums=0)
     images, text = _batch(config, b, FLAGS.prompts, rng)
-    batch = {"image": jnp.asarray(images), "text": jnp.asarray(text)}
+    batch = {"image": jnp.asarray(images), **_our_inputs(config, text)}
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
 
@@ -78,7 +103,7 @@ def ours(config, b, dtype, rng):
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 
-  return run, flops, compile_s
+  return run, xla_flops, compile_s
 
 
 def ours_forward(config, b, dtype, rng):
@@ -88,8 +113,8 @@ def ours_forward(config, b, dtype, rng):
   model = build_model(config.model)
   variables = random_variables(model, config.model, jax.random.key(0))
   images, text = _batch(config, b, FLAGS.prompts, rng)
-  forward = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False)["image_embeds"])
-  x, t = jnp.asarray(images), jnp.asarray(text)
+  forward = jax.jit(lambda v, x, t: model.apply(v, x, **t, train=False)["image_embeds"])
+  x, t = jnp.asarray(images), _our_inputs(config, text)
   jax.block_until_ready(forward(variables, x, t))
 
   def run(n):
@@ -182,20 +207,23 @@ def main(argv):
   device = jax.devices()[0]
   peak = FLAGS.peak_tflops or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
   config = config_lib.load_config(FLAGS.config)
-  print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts, "
+  prompt_length = _prompt_length(config)
+  print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
+        f"(ours at {prompt_length or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"peak {'%.0f TFLOP/s' % peak if peak else 'unknown (pass --peak_tflops for MFU)'}")
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
-        f"{'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
+        f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
   rng = np.random.RandomState(0)
   for b in map(int, FLAGS.batch_sizes):
     their_run = theirs(config, b, rng) if FLAGS.torch else None
     for dtype in FLAGS.dtypes:
-      our_run, flops, compile_s = ours(config, b, dtype, rng)
+      our_run, xla_flops, compile_s = ours(config, b, dtype, rng)
       ips, tps, ratio = _alternate(our_run, their_run if dtype == "float32" else None, b)
-      achieved = flops * ips / b / 1e12
+      per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompt_length)
+      achieved = per_image * ips / 1e12
       mfu = f"{achieved / peak:6.1%}" if peak else f"{'n/a':>6}"
-      print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} "
-            f"{compile_s:>10.1f}", flush=True)
+      print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {per_image / 1e9:>10.2f} "
+            f"{xla_flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} {compile_s:>10.1f}", flush=True)
   if FLAGS.forward:
     print(f"eval-mode forward (both towers, no gradients):\n{'batch':>6} {'dtype':>9} {'ours img/s':>11} "
           f"{'torch img/s':>12} {'ratio':>6}")

@@ -70,6 +70,11 @@ def training_defaults() -> ml_collections.ConfigDict:
           pp="random_resized_crop(224)|flip|normalize|nouns|prompts(3)",
           tokenizer="clip_bpe",  # or "sentencepiece:/path/sp.model"
           context_length=77,
+          # Prompts ("a photo of a {noun}.") tokenized at this shorter length and encoded apart from the
+          # caption: the same embeddings (causal mask) for a fraction of the text tower's work. Longer
+          # prompts (a caption without nouns standing in as its own prompts) are cut to it and counted
+          # as data/prompts_cut. None: prompts at context_length, in one array with the caption.
+          prompt_length=None,
           batch_size=4096,  # global
           num_examples=28_660_000,  # one epoch, for durations given in epochs
           threads=0,  # tf.data private thread pool (0: TF's default)
@@ -133,6 +138,10 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_
   if config.input.context_length > m.text.context_length:
     raise ValueError(f"input.context_length {config.input.context_length} exceeds model.text.context_length "
                      f"{m.text.context_length}")
+  prompt_length = config.input.get("prompt_length")
+  if prompt_length is not None and not 2 <= prompt_length <= config.input.context_length:
+    raise ValueError(f"input.prompt_length {prompt_length}: expected None or 2..input.context_length "
+                     f"({config.input.context_length})")
   batch = config.input.batch_size
   if batch % num_processes:
     raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")

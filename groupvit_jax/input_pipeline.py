@@ -70,12 +70,38 @@ def check_stream(ds: tf.data.Dataset, pp_spec: str, *, num: int = 16) -> None:
                    f"{errors[0] if errors else 'the source is empty'}")
 
 
-def batch_and_tokenize(ds: tf.data.Dataset, batch_size: int, tokenizer, context_length: int) -> tf.data.Dataset:
-  """Batches and tokenizes caption (+ prompts) into `text` [B, L] or [B, 1 + K, L]."""
+def short_prompts(ids: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Token ids `[..., L]` -> the same prompts at `length` tokens, and which did not fit (`[...]` bool).
+
+  A prompt that fits is its first `length` ids (what follows is padding). One that does not is cut
+  as the tokenizers cut: the first `length - 1` ids and EOT (the row's largest id) last.
+  """
+  fits = tf.reduce_all(tf.equal(ids[..., length:], 0), axis=-1)
+  last = tf.where(fits, ids[..., length - 1], tf.reduce_max(ids, axis=-1))
+  return tf.concat([ids[..., :length - 1], last[..., None]], axis=-1), tf.logical_not(fits)
+
+
+def batch_and_tokenize(ds: tf.data.Dataset, batch_size: int, tokenizer, context_length: int,
+                       prompt_length: Optional[int] = None) -> tf.data.Dataset:
+  """Batches and tokenizes caption (+ prompts) into `text` [B, L] or [B, 1 + K, L].
+
+  With `prompt_length`, prompts come separately as `prompts` [B, K, prompt_length] next to `text`
+  [B, L] (see `GroupViT.__call__`). A prompt slot that holds the caption itself (a caption with
+  fewer than K nouns) is a row of zeros there, which the model reads as "the caption's feature";
+  `prompts_cut` counts the other prompts, longer than prompt_length (cut to it, EOT last).
+  """
   ds = ds.batch(batch_size, drop_remainder=True)
 
   def tokenize(batch):
     texts = batch.pop("text")
+    if "prompts" in batch and prompt_length:
+      prompts = batch.pop("prompts")
+      is_caption = tf.equal(prompts, texts[:, None])
+      short, cut = short_prompts(tokenizer.tokenize_tf(prompts, context_length), prompt_length)
+      batch["text"] = tokenizer.tokenize_tf(texts, context_length)
+      batch["prompts"] = tf.where(is_caption[..., None], tf.zeros_like(short), short)
+      batch["prompts_cut"] = tf.reduce_sum(tf.cast(cut & ~is_caption, tf.int32))
+      return batch
     if "prompts" in batch:
       texts = tf.concat([texts[:, None], batch.pop("prompts")], axis=1)
     batch["text"] = tokenizer.tokenize_tf(texts, context_length)
@@ -89,7 +115,8 @@ def build_train_dataset(config: Any, *, tokenizer, seed: int, batch_size: int, s
   """The host's training batches from `config.input` (see configs/ for the fields).
 
   Args:
-    config: the `input` ConfigDict (`data`: source list, `pp`: op string, `context_length`).
+    config: the `input` ConfigDict (`data`: source list, `pp`: op string, `context_length`, optional
+      `prompt_length`).
     tokenizer: from `pp.tokenizers.get_tokenizer`.
     seed: data seed (the same on every host; hosts differ by their share of the data).
     batch_size: per-host batch size.
@@ -98,7 +125,7 @@ def build_train_dataset(config: Any, *, tokenizer, seed: int, batch_size: int, s
   ds = sources.mixed_source(config.data, seed=seed, process_index=process_index, process_count=process_count)
   check_stream(ds, config.pp)
   ds = preprocess_stream(ds, config.pp, seed=seed + process_index, start_index=start_index)
-  ds = batch_and_tokenize(ds, batch_size, tokenizer, config.context_length)
+  ds = batch_and_tokenize(ds, batch_size, tokenizer, config.context_length, config.get("prompt_length"))
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = config.get("threads", 0)
@@ -110,13 +137,15 @@ class DataIterator:
   """Numpy batches with the stream position and bad-sample counters.
 
   `position` is what a checkpoint stores; `skipped` counts examples dropped since `start_index`,
-  `no_nouns` captions whose prompts are all the caption itself.
+  `no_nouns` captions whose prompts are all the caption itself, `prompts_cut` noun prompts longer
+  than `prompt_length` (cut to it, EOT last).
   """
   dataset: tf.data.Dataset
   start_index: int = 0
   position: int = 0
   skipped: int = 0
   no_nouns: int = 0
+  prompts_cut: int = 0
   _it: Optional[Iterator[dict[str, np.ndarray]]] = None
 
   def __post_init__(self):
@@ -133,10 +162,12 @@ class DataIterator:
     self.skipped += int(index[-1] + 1 - self.position - len(index))
     self.position = int(index[-1] + 1)
     self.no_nouns += int(batch.pop("no_nouns", np.zeros(0)).sum())
+    self.prompts_cut += int(batch.pop("prompts_cut", 0))
     return batch
 
   def counters(self) -> dict[str, int]:
     return {"data/skipped_examples": self.skipped, "data/no_noun_captions": self.no_nouns,
+            "data/prompts_cut": self.prompts_cut,
             "data/position": self.position}
 
 

@@ -87,8 +87,8 @@ def make_train_step(model, tx, schedule, config, base_rng):
 
     def loss_fn(params):
       out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                 batch["text"], train=True, rngs={"gumbel": gumbel_rng, "dropout": dropout_rng},
-                                 mutable=["batch_stats"])
+                                 batch["text"], train=True, prompts=batch.get("prompts"),
+                                 rngs={"gumbel": gumbel_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
       contrastive = losses.contrastive_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
       parts = {"contrastive_loss": contrastive, "logit_scale": out["logit_scale"]}
       loss = contrastive
@@ -219,6 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
   data_it = input_pipeline.DataIterator(ds, start_index=positions[jax.process_index()])
 
   batch_shardings = {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 3)}
+  if config.input.get("prompt_length"):  # captions [B, L] and prompts [B, K, prompt_length]
+    batch_shardings.update(text=sharding.batch_sharding(mesh, 2), prompts=sharding.batch_sharding(mesh, 3))
   step_fn = make_train_step(model, tx, schedule, config, base_rng)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, batch_shardings),

@@ -182,3 +182,36 @@ def test_sources_mix_by_weight(clip, tmp_path):
   assert 0.65 < share_a < 0.85, share_a  # 3:1 weights
   again = [ex["text"].numpy() for ex in sources.mixed_source(data, seed=0).take(400)]
   assert texts == again  # the mixture is deterministic in the seed
+
+
+def test_short_prompts_keep_what_fits_and_cut_the_rest_like_the_tokenizer():
+  eot = 99
+  ids = tf.constant([[98, 5, 6, eot, 0, 0, 0, 0],      # fits in 5
+                     [98, 5, 6, 7, eot, 0, 0, 0],      # exactly 5
+                     [98, 5, 6, 7, 8, 9, eot, 0]])     # cut: 98 5 6 7 EOT
+  short, cut = input_pipeline.short_prompts(ids, 5)
+  np.testing.assert_array_equal(short, [[98, 5, 6, eot, 0], [98, 5, 6, 7, eot], [98, 5, 6, 7, eot]])
+  np.testing.assert_array_equal(cut, [False, False, True])
+
+
+def test_prompts_at_their_own_length_match_the_single_array(clip, shapes_data_dir):
+  pp = "decode|resize(32)|normalize|nouns|prompts(3, templates='simple')"
+  config = _config([dict(kind="shapes", config="tiny32", split="train", data_dir=shapes_data_dir)], pp=pp)
+  one, _ = _batches(config, clip, 2)
+  config.prompt_length = n = 8  # "a photo of a star." fits in 8 tokens, "... of a hexagon." does not
+  apart, it = _batches(config, clip, 2)
+  seen = np.zeros(3, int)  # caption slots, noun prompts that fit, noun prompts cut
+  for a, b in zip(one, apart):
+    assert b["text"].shape == (8, 16) and b["prompts"].shape == (8, 3, n)
+    np.testing.assert_array_equal(a["text"][:, 0], b["text"])
+    prompts = a["text"][:, 1:]
+    caption = (prompts == a["text"][:, :1]).all(-1)  # slots filled with the caption: zeros
+    fits = ~prompts[..., n:].any(-1) & ~caption
+    cut = ~fits & ~caption
+    assert not b["prompts"][caption].any()
+    np.testing.assert_array_equal(prompts[fits][:, :n], b["prompts"][fits])  # unchanged where they fit
+    np.testing.assert_array_equal(prompts[cut][:, :n - 1], b["prompts"][cut][:, :n - 1])  # else cut, EOT last
+    np.testing.assert_array_equal(prompts[cut].max(-1), b["prompts"][cut][:, -1])
+    seen += [caption.sum(), fits.sum(), cut.sum()]
+  assert seen.all(), seen  # every case occurred
+  assert it.counters()["data/prompts_cut"] == seen[2]

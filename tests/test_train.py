@@ -75,13 +75,20 @@ def test_tiny_config_learns_on_the_shapes_world(shapes_data_dir, tmp_path):
 
 def test_2x2x2_mesh_matches_one_device(shapes_data_dir, tmp_path):
   # One mesh that splits all three axes (data, fsdp, model) at once: a single 8-device run covers them.
+  # Prompts come at their own length (input.prompt_length), so this also covers that batch layout.
   assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
-  base = dict(total_steps=3, checkpoint_every=100)
-  train.train_and_evaluate(_config(shapes_data_dir, **base), str(tmp_path / "one"), devices=jax.devices()[:1])
+
+  def config(**kw):
+    c = _config(shapes_data_dir, total_steps=3, checkpoint_every=100, **kw)
+    c.input.prompt_length = 12
+    return c
+
+  train.train_and_evaluate(config(), str(tmp_path / "one"), devices=jax.devices()[:1])
   one = _metrics(str(tmp_path / "one"))
+  assert "data/prompts_cut" in one[3]
   for mesh in ({"data": 2, "fsdp": 2, "model": 2},):
     workdir = str(tmp_path / "_".join(f"{k}{v}" for k, v in mesh.items()))
-    train.train_and_evaluate(_config(shapes_data_dir, mesh=mesh, **base), workdir)
+    train.train_and_evaluate(config(mesh=mesh), workdir)
     eight = _metrics(workdir)
     worst = max(abs(eight[s][k] - one[s][k]) for s in (1, 2, 3) for k in ("loss", "contrastive_loss", "multi_label_loss"))
     print(f"\nmesh {mesh}: max |loss difference| vs one device over 3 steps = {worst:.2e}")
@@ -184,6 +191,7 @@ def test_nan_stops_the_run_naming_step_and_metric(shapes_data_dir, tmp_path):
     ({"model.image.num_group_tokens": (8, 0, 0)}, "every stage but the last needs group tokens"),
     ({"input.batch_size": 12}, "not divisible by the data axes of the mesh"),
     ({"input.context_length": 99}, "exceeds model.text.context_length"),
+    ({"input.prompt_length": 99}, r"input.prompt_length 99: expected None or 2..input.context_length \(16\)"),
 ])
 def test_config_errors_stop_at_start(change, message, shapes_data_dir, tmp_path):
   config = _config(shapes_data_dir, total_steps=2, mesh={"data": 8, "fsdp": 1, "model": 1})

@@ -1,6 +1,6 @@
 """GroupViT: image tower, text tower, BatchNorm projectors and the two logit scales."""
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -100,22 +100,38 @@ class GroupViT(nn.Module):
     return (jnp.minimum(jnp.exp(self.logit_scale), 100.0),
             jnp.minimum(jnp.exp(self.multi_label_logit_scale), 100.0))
 
-  def __call__(self, images: jax.Array, text: jax.Array, train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, text: jax.Array, train: bool = False,
+               prompts: Optional[jax.Array] = None) -> dict[str, Any]:
     """Forward for training.
 
     Args:
       images: `[batch, height, width, 3]`.
       text: `[batch, length]` captions, or `[batch, 1 + K, length]` caption followed by K prompts.
       train: batch statistics, gumbel noise and stochastic depth when True.
+      prompts: optional `[batch, K, prompt_length]` prompts next to `[batch, length]` captions. The
+        text tower's feature at EOT depends only on the tokens before it (causal mask), so short
+        prompts encoded at a short length give the same embeddings as at the caption's length, for
+        a fraction of the text tower's work. A row of zeros stands for the caption itself (the
+        prompt slots of a caption with too few nouns) and takes the caption's feature. Caption and
+        prompt features then share one projector (BatchNorm) batch, as in the single-array form.
     Returns:
       dict with `image_embeds` `[batch, proj]`, `text_embeds` `[batch, proj]`, `prompt_embeds`
       `[batch, K, proj]` (only with prompts), `logit_scale`, `multi_label_logit_scale` (clamped exps).
     """
     image = self.encode_image(images, train=train)
-    text_embeds = self.encode_text(text, train=train)
+    if prompts is not None:
+      if text.ndim != 2 or prompts.ndim != 3:
+        raise ValueError(f"with prompts, text must be [batch, length] and prompts [batch, K, length]; got "
+                         f"{text.shape} and {prompts.shape}")
+      caption = self.text_encoder(text)[:, None]
+      is_caption = jnp.all(prompts == 0, axis=-1, keepdims=True)
+      features = jnp.concatenate([caption, jnp.where(is_caption, caption, self.text_encoder(prompts))], axis=1)
+      text_embeds = self.text_projector(features, train=train)
+    else:
+      text_embeds = self.encode_text(text, train=train)
     scale, ml_scale = self.logit_scales()
     out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": ml_scale}
-    if text.ndim == 3:
+    if text_embeds.ndim == 3:
       out["text_embeds"] = text_embeds[:, 0]
       out["prompt_embeds"] = text_embeds[:, 1:]
     else:

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -172,3 +173,32 @@ def test_short_text_gives_the_same_feature_as_full_context():
   full = model.apply(variables, jnp.asarray(text), method=model.encode_text)
   short = model.apply(variables, jnp.asarray(text[:, :6]), method=model.encode_text)
   np.testing.assert_allclose(full, short, atol=1e-5)
+
+
+def test_prompts_at_their_own_length_train_like_one_full_length_array():
+  config = _tiny()
+  model, variables = _init(config)
+  ctx, vocab = config.model.text.context_length, config.model.text.vocab_size
+  rng = np.random.RandomState(1)
+  text = np.zeros((4, 3, ctx), np.int32)  # caption (12 tokens) + 2 prompts (5 tokens each)
+  text[:, 0, 1:11] = rng.randint(1, vocab - 2, (4, 10))
+  text[:, 1:, 1:4] = rng.randint(1, vocab - 2, (4, 2, 3))
+  text[:, :, 0] = vocab - 2
+  text[:, 0, 11] = text[:, 1:, 4] = vocab - 1
+  text[0, 2] = text[0, 0]  # a prompt slot holding the (longer) caption itself ...
+  prompts = text[:, 1:, :6].copy()
+  prompts[0, 1] = 0  # ... is a row of zeros in the short layout
+  images = jnp.asarray(rng.randn(4, 32, 32, 3), jnp.float32)
+  rngs = {"gumbel": jax.random.key(0), "dropout": jax.random.key(1)}
+
+  def run(*args, **kw):
+    out, updates = model.apply(variables, images, *args, train=True, rngs=rngs, mutable=["batch_stats"], **kw)
+    return out, updates["batch_stats"]
+
+  one, stats_one = run(jnp.asarray(text))
+  apart, stats_apart = run(jnp.asarray(text[:, 0]), prompts=jnp.asarray(prompts))
+  for key in ("image_embeds", "text_embeds", "prompt_embeds"):  # batch statistics span all 12 texts in both
+    np.testing.assert_allclose(one[key], apart[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_one, stats_apart)
+  with pytest.raises(ValueError, match=r"text must be \[batch, length\]"):
+    model.apply(variables, images, jnp.asarray(text), prompts=jnp.asarray(text[:, 1:]))

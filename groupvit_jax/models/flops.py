@@ -1,0 +1,97 @@
+"""Analytic FLOP count of GroupViT: the matrix products of one forward pass, per image.
+
+One multiply-add is 2 FLOPs. Only matrix products are counted (dense layers, attention scores and
+their weighted sums, the contrastive logits); layer norms, activations, softmaxes and the gumbel
+noise are left out, as is usual for model FLOP utilisation (MFU). A training step costs three forward
+passes: the backward pass computes two products per forward product (the gradient with respect to
+the input and to the weight). For GroupViT-S this gives 42.2 GFLOP per training image with a
+caption and 3 prompts of 77 tokens (32.6 with the prompts at 24 tokens, `input.prompt_length`);
+XLA's own count of the compiled step, which also counts the elementwise work, is within a few
+percent of it (`benchmarks/train_step.py` prints both).
+
+Per image, with width D, MLP ratio r, T tokens in a transformer block:
+  block:            2 T D^2 (4 + 2r)     qkv + output projection + MLP
+                    + 4 T^2 D            scores and weighted sum
+  grouping block:   token-mixing MLP G -> D/2 -> O; cross-attention block from the O outputs to
+                    the N image tokens (projections, attention, MLP 4D); single-head assignment
+                    attention (projections, scores, weighted sum); channel MLP 4D on the outputs.
+"""
+
+from typing import Any
+
+
+def _block(tokens: int, dim: int, mlp_ratio: float, keys: int | None = None) -> float:
+  """Self-attention block (keys = tokens) or, with `keys`, the cross-attention part's products."""
+  keys = tokens if keys is None else keys
+  if keys == tokens:
+    projections = 2 * tokens * dim * dim * 4
+  else:  # q and out projection on the queries, k and v on the keys
+    projections = 2 * tokens * dim * dim * 2 + 2 * keys * dim * dim * 2
+  attention = 4 * tokens * keys * dim
+  mlp = 2 * tokens * dim * int(dim * mlp_ratio) * 2
+  return projections + attention + mlp
+
+
+def _token_mlp(tokens_in: int, hidden: int, tokens_out: int, dim: int) -> float:
+  return 2 * dim * (tokens_in * hidden + hidden * tokens_out)
+
+
+def image_tower(image: Any) -> dict[str, float]:
+  """Forward FLOPs per image of the image tower, by part."""
+  d, r = image.dim, image.mlp_ratio
+  n = (image.image_size // image.patch_size) ** 2
+  out = {"patch_embed": 2 * n * 3 * image.patch_size**2 * d}
+  prev_groups = 0
+  for i, depth in enumerate(image.depths):
+    g = image.num_group_tokens[i]
+    stage = 0.0
+    if prev_groups and g:
+      stage += _token_mlp(prev_groups, d // 2, g, d)                       # group projector
+    stage += depth * _block(n + g, d, r)
+    if g and i < len(image.depths) - 1:
+      o = image.num_output_groups[i]
+      stage += _token_mlp(g, d // 2, o, d)                                 # mlp_inter
+      stage += _block(o, d, 4.0, keys=n)                                   # pre_assign_attn
+      stage += 2 * o * d * d * 2 + 2 * n * d * d * 2 + 4 * o * n * d       # assignment attention
+      stage += 2 * o * d * 4 * d * 2                                       # mlp_channels
+      n = o
+    out[f"stage_{i}"] = stage
+    prev_groups = g
+  return out
+
+
+def text_tower(text: Any, length: int) -> float:
+  """Forward FLOPs of the text transformer for one sequence of `length` tokens."""
+  return text.layers * _block(length, text.width, 4.0)
+
+
+def projector(in_dim: int, hidden: int, out: int, layers: int) -> float:
+  if layers == 0:
+    return 0.0
+  return 2 * in_dim * hidden + 2 * hidden * hidden * (layers - 2) + 2 * hidden * out if layers > 1 else (
+      2 * in_dim * out)
+
+
+def forward_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size: int = 1,
+                  prompt_length: int | None = None) -> dict[str, float]:
+  """Forward FLOPs per image, by part: the image tower's stages, the text tower on the caption and
+  `num_prompts` prompts (at `prompt_length` tokens, default `text_length`), the projectors and the
+  loss logits against a batch of `batch_size`."""
+  texts = 1 + num_prompts
+  parts = image_tower(model.image)
+  parts["image_projector"] = projector(model.image.dim, model.projection_hidden_dim, model.projection_dim,
+                                       model.projection_layers)
+  parts["text_tower"] = (text_tower(model.text, text_length)
+                         + num_prompts * text_tower(model.text, prompt_length or text_length))
+  parts["text_projector"] = texts * projector(model.text.width, model.projection_hidden_dim,
+                                              model.projection_dim, model.projection_layers)
+  out_dim = model.projection_dim if model.projection_layers else model.image.dim
+  parts["logits"] = 2 * batch_size * texts * out_dim
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def train_step_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size: int = 1,
+                     prompt_length: int | None = None) -> float:
+  """FLOPs per image of one training step (forward + backward = 3 forward passes)."""
+  return 3 * forward_flops(model, text_length, num_prompts, batch_size, prompt_length)["total"]
