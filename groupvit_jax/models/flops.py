@@ -66,10 +66,9 @@ def text_tower(text: Any, length: int) -> float:
 
 
 def projector(in_dim: int, hidden: int, out: int, layers: int) -> float:
-  if layers == 0:
-    return 0.0
-  return 2 * in_dim * hidden + 2 * hidden * hidden * (layers - 2) + 2 * hidden * out if layers > 1 else (
-      2 * in_dim * out)
+  """ProjectMLP: in -> hidden (x layers - 1) -> out; none with 0 layers."""
+  widths = [in_dim] + [hidden] * (layers - 1) + [out] if layers else []
+  return sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
 def forward_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size: int = 1,
