@@ -118,11 +118,11 @@ class GroupViT(nn.Module):
       dict with `image_embeds` `[batch, proj]`, `text_embeds` `[batch, proj]`, `prompt_embeds`
       `[batch, K, proj]` (only with prompts), `logit_scale`, `multi_label_logit_scale` (clamped exps).
     """
+    if prompts is not None and (text.ndim != 2 or prompts.ndim != 3):
+      raise ValueError(f"with prompts, text must be [batch, length] and prompts [batch, K, length]; got "
+                       f"{text.shape} and {prompts.shape}")
     image = self.encode_image(images, train=train)
     if prompts is not None:
-      if text.ndim != 2 or prompts.ndim != 3:
-        raise ValueError(f"with prompts, text must be [batch, length] and prompts [batch, K, length]; got "
-                         f"{text.shape} and {prompts.shape}")
       caption = self.text_encoder(text)[:, None]
       is_caption = jnp.all(prompts == 0, axis=-1, keepdims=True)
       features = jnp.concatenate([caption, jnp.where(is_caption, caption, self.text_encoder(prompts))], axis=1)

@@ -191,6 +191,7 @@ def test_prompts_at_their_own_length_train_like_one_full_length_array():
   images = jnp.asarray(rng.randn(4, 32, 32, 3), jnp.float32)
   rngs = {"gumbel": jax.random.key(0), "dropout": jax.random.key(1)}
 
+  @jax.jit
   def run(*args, **kw):
     out, updates = model.apply(variables, images, *args, train=True, rngs=rngs, mutable=["batch_stats"], **kw)
     return out, updates["batch_stats"]
