@@ -71,9 +71,9 @@ def training_defaults() -> ml_collections.ConfigDict:
           tokenizer="clip_bpe",  # or "sentencepiece:/path/sp.model"
           context_length=77,
           # Prompts ("a photo of a {noun}.") tokenized at this shorter length and encoded apart from the
-          # caption: the same embeddings (causal mask) for a fraction of the text tower's work. Longer
-          # prompts (a caption without nouns standing in as its own prompts) are cut to it and counted
-          # as data/prompts_cut. None: prompts at context_length, in one array with the caption.
+          # caption: the same embeddings (causal mask) for a fraction of the text tower's work. Slots
+          # filled with the caption reuse the caption's feature; longer noun prompts are cut to it and
+          # counted as data/prompts_cut. None: prompts at context_length, in one array with the caption.
           prompt_length=None,
           batch_size=4096,  # global
           num_examples=28_660_000,  # one epoch, for durations given in epochs
