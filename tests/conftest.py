@@ -1,4 +1,4 @@
-"""Test-wide settings: fp32 matmuls at full precision (parity), 8 host devices for mesh tests."""
+"""Test-wide settings: fp32 matmuls at full precision (parity), 8 host devices for mesh tests, one JIT cache."""
 
 import atexit
 import os
