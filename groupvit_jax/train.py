@@ -218,9 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                                           process_index=jax.process_index(), process_count=jax.process_count())
   data_it = input_pipeline.DataIterator(ds, start_index=positions[jax.process_index()])
 
-  batch_shardings = {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 3)}
-  if config.input.get("prompt_length"):  # captions [B, L] and prompts [B, K, prompt_length]
-    batch_shardings.update(text=sharding.batch_sharding(mesh, 2), prompts=sharding.batch_sharding(mesh, 3))
+  # One sharding for every batch array, whatever its rank (text [B, L] or [B, 1 + K, L], prompts): the
+  # leading axis over (data, fsdp), the trailing axes a partition spec leaves out are replicated.
+  batch_shardings = sharding.batch_sharding(mesh, 1)
   step_fn = make_train_step(model, tx, schedule, config, base_rng)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, batch_shardings),
