@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from groupvit_jax import checkpoint as checkpoint_lib
-from groupvit_jax import config_lib, evaluators, input_pipeline, losses, optim, sharding
+from groupvit_jax import config_lib, evaluators, input_pipeline, launching, losses, optim, sharding
 from groupvit_jax.datasets import sources
 from groupvit_jax.models import build_model, init_variables
 
@@ -354,6 +354,8 @@ def main(argv):
       f.write(flags.FLAGS.config.to_json_best_effort(indent=2))
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  if jax.default_backend() == "cpu" and (hint := launching.cpu_malloc_hint()):
+    logging.info(hint)
   train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)
 
 

@@ -99,3 +99,12 @@ def test_bad_sweeps_fail_before_anything_launches(body, message, tmp_path):
   rc, out, err = _script("sweep.py", f"--sweep={sweep}", f"--workdir_root={tmp_path / 'runs'}", "--mode=local")
   assert rc == 2 and message in err, err
   assert not (tmp_path / "runs").exists()
+
+
+def test_cpu_malloc_hint_names_the_tunable_until_it_is_set(monkeypatch):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  hint = launching.cpu_malloc_hint()
+  if sys.platform.startswith("linux"):
+    assert launching.CPU_MALLOC_TUNABLES in hint
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:" + launching.CPU_MALLOC_TUNABLES)
+  assert launching.cpu_malloc_hint() is None
