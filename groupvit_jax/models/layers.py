@@ -40,11 +40,26 @@ def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequ
   return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
 
 
+class Dense(nn.Dense):
+  """nn.Dense that runs `[..., in]` inputs as one `[rows, in]` product.
+
+  Same parameters and outputs. On a `[batch, tokens, in]` input nn.Dense's kernel gradient contracts
+  two axes at once, which XLA:CPU runs as a generic contraction 2-2.5x slower than the 2-D product
+  (GroupViT's demo step: a fifth of its time in these); flattening first makes it a plain matmul.
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim <= 2:
+      return super().__call__(inputs)
+    out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return out.reshape(*inputs.shape[:-1], out.shape[-1])
+
+
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str, dtype: Dtype,
           std: float = 0.02, use_bias: bool = True, kernel_init: Optional[Initializer] = None,
           bias_init: Optional[Initializer] = None) -> nn.Dense:
   """A Dense layer with N(0, std) kernel (the reference's Linear init) and logical axes."""
-  return nn.Dense(
+  return Dense(
       features,
       use_bias=use_bias,
       dtype=dtype,
