@@ -75,14 +75,16 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
         f"(batch {config.input.batch_size}), evaluating {eval_images} held-out images every "
         f"{config.eval_every} steps", flush=True)
   untrained = untrained_result(config, workdir)
-  print(f"[demo] untrained model (random initialisation): held-out mIoU {untrained['mIoU']:.1f}", flush=True)
+  print(f"[demo] untrained model (random initialisation): held-out mIoU {untrained['mIoU']:.1f}, "
+        f"mAcc {untrained['mAcc']:.1f}", flush=True)
   train_start = time.time()
   train.train_and_evaluate(config, workdir, progress=_progress_printer(config.total_steps, train_start))
   train_minutes = (time.time() - train_start) / 60
   curve = [(0.0, 0, untrained["mIoU"])] + _curve(workdir)
   final = _load_eval(workdir, config.total_steps)
   print(evaluate.format_table(final))
-  print(f"[demo] held-out mIoU {final['mIoU']:.1f} (untrained: {untrained['mIoU']:.1f}) after {config.total_steps} steps, "
+  print(f"[demo] held-out mIoU {final['mIoU']:.1f}, mAcc {final['mAcc']:.1f} (untrained: {untrained['mIoU']:.1f}, "
+        f"{untrained['mAcc']:.1f}) after {config.total_steps} steps, "
         f"{train_minutes:.1f} min of training ({(time.time() - start) / 60:.1f} min in all)")
   if curve:
     _plot_curve(curve, os.path.join(workdir, "curve.png"))
@@ -91,6 +93,7 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
         f"{workdir}/curve.png")
   final["train_minutes"] = train_minutes
   final["untrained_mIoU"] = untrained["mIoU"]
+  final["untrained_mAcc"] = untrained["mAcc"]
   final["curve"] = curve
   with open(os.path.join(workdir, "demo_result.json"), "w") as f:
     json.dump(final, f, indent=2)
