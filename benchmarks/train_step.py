@@ -10,12 +10,16 @@ alternately so machine noise hits both. FLOPs are the analytic count of the mode
 (groupvit_jax/models/flops.py, x3 for forward + backward); XLA's cost analysis of our compiled step
 (which also counts elementwise work) is printed next to it. MFU = achieved analytic FLOP/s over
 --peak_tflops (or the table below for known accelerators). Peak host memory is the process's max RSS.
+bfloat16 rows: ours computes in bf16 over fp32 parameters (softmaxes in fp32), PyTorch runs the same
+step under torch.autocast("cpu", torch.bfloat16) (matmuls in bf16, softmax and norms in fp32).
 
 Prompts: with the config's `input.prompt_length` (GroupViT-S: 24) ours encodes the K prompts at that
 length and the caption at the context length (the same embeddings, see GroupViT.__call__); PyTorch
 runs the official layout, every text at the context length. --prompt_length=0 runs ours that way too.
 """
 
+import contextlib
+import functools
 import os
 import resource
 import time
@@ -31,13 +35,15 @@ from groupvit_jax.models import build_model, flops, random_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
 flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes for ours (PyTorch runs fp32 on CPU).")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (PyTorch: bfloat16 = CPU autocast).")
 flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 2, "Alternating rounds (ours, theirs).")
 flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
 flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: table for known devices).")
 flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
 flags.DEFINE_bool("forward", True, "Also time the eval-mode forward pass (ours vs PyTorch).")
+flags.DEFINE_bool("towers", False, "Also time each tower's forward and forward + backward alone (where the "
+                  "step's time goes, ours vs PyTorch).")
 flags.DEFINE_integer("prompt_length", None, "Ours: prompts at this length (default: the config's "
                      "input.prompt_length; 0: at the context length, in one array with the caption).")
 FLAGS = flags.FLAGS
@@ -127,7 +133,18 @@ def ours_forward(config, b, dtype, rng):
   return run
 
 
-def theirs_forward(config, b, rng):
+def _autocast(dtype):
+  """PyTorch's mixed precision for `dtype`: bf16 autocast on CPU (matmuls in bf16, softmax and norms
+  in fp32, as ours), nothing for float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if dtype == "float32":
+    return contextlib.nullcontext()
+  if dtype != "bfloat16":
+    raise ValueError(f"--dtypes: PyTorch side supports float32 and bfloat16, got {dtype!r}")
+  return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def theirs_forward(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
@@ -139,7 +156,7 @@ def theirs_forward(config, b, rng):
 
   def run(n):
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(dtype):
       for _ in range(n):
         model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
         model.text_projection(model.text_model(input_ids=ids).pooler_output)
@@ -148,7 +165,7 @@ def theirs_forward(config, b, rng):
   return run
 
 
-def theirs(config, b, rng):
+def theirs(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
@@ -162,6 +179,14 @@ def theirs(config, b, rng):
   k = FLAGS.prompts
 
   def step():
+    with _autocast(dtype):
+      loss = forward_loss()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+
+  def forward_loss():
     img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
     txt = model.text_projection(model.text_model(input_ids=ids.reshape(b * (1 + k), -1)).pooler_output)
     txt = txt.reshape(b, 1 + k, -1)
@@ -173,11 +198,7 @@ def theirs(config, b, rng):
     ml = scale * img_n @ pr_n.reshape(b * k, -1).T
     owner = torch.arange(b).repeat_interleave(k)
     target = (owner[None] == labels[:, None]).float() / k
-    loss = loss + 0.5 * ((-target * F.log_softmax(ml, -1)).sum(-1).mean() + F.cross_entropy(ml.T, owner))
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    opt.step()
+    return loss + 0.5 * ((-target * F.log_softmax(ml, -1)).sum(-1).mean() + F.cross_entropy(ml.T, owner))
 
   step()
 
@@ -188,6 +209,72 @@ def theirs(config, b, rng):
     return time.perf_counter() - start
 
   return run
+
+
+def tower_runs(config, b, dtype, rng):
+  """{(tower, pass): (our_run, their_run)}: the image tower (with its projector) on the image batch and
+  the text tower on caption + K prompts (one array at the context length), forward alone and forward +
+  backward of sum(embeddings^2) with respect to all parameters."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
+  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(FLAGS.config)
+  config.model.dtype = dtype
+  model = build_model(config.model)
+  variables = random_variables(model, config.model, jax.random.key(0))
+  images, text = _batch(config, b, FLAGS.prompts, rng)
+  inputs = {"image": jnp.asarray(images), "text": jnp.asarray(text.reshape(-1, text.shape[-1]))}
+  rngs = {"gumbel": jax.random.key(1), "dropout": jax.random.key(2)}
+
+  def our_loss(params, tower):
+    method = model.encode_image if tower == "image" else model.encode_text
+    out, _ = model.apply({**variables, "params": params}, inputs[tower], train=True, method=method, rngs=rngs,
+                         mutable=["batch_stats"])
+    out = out["image_embeds"] if tower == "image" else out
+    return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch_model = GroupViTModel(hf_config(config.model)).train()
+  torch_inputs = {"image": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                  "text": torch.from_numpy(text.astype(np.int64)).reshape(-1, text.shape[-1])}
+
+  def their_loss(tower):
+    m = torch_model
+    with _autocast(dtype):
+      if tower == "image":
+        out = m.visual_projection(m.vision_model(pixel_values=torch_inputs["image"]).pooler_output)
+      else:
+        out = m.text_projection(m.text_model(input_ids=torch_inputs["text"]).pooler_output)
+      return out.float().square().sum()
+
+  runs = {}
+  for tower in ("image", "text"):
+    for kind in ("forward", "fwd+bwd"):
+      fn = jax.jit(functools.partial(our_loss, tower=tower))
+      fn = jax.jit(jax.grad(fn)) if kind == "fwd+bwd" else fn
+      jax.block_until_ready(fn(variables["params"]))
+
+      def our_run(n, fn=fn):
+        start = time.perf_counter()
+        for _ in range(n):
+          out = fn(variables["params"])
+        jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+      def their_run(n, tower=tower, kind=kind):
+        start = time.perf_counter()
+        for _ in range(n):
+          torch_model.zero_grad(set_to_none=True)
+          if kind == "forward":
+            with torch.no_grad():
+              their_loss(tower)
+          else:
+            their_loss(tower).backward()
+        return time.perf_counter() - start
+
+      their_run(1)
+      runs[(tower, kind)] = (our_run, their_run)
+  return runs
 
 
 def _alternate(our_run, their_run, b):
@@ -217,10 +304,10 @@ def main(argv):
         f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
   rng = np.random.RandomState(0)
   for b in map(int, FLAGS.batch_sizes):
-    their_run = theirs(config, b, rng) if FLAGS.torch else None
     for dtype in FLAGS.dtypes:
+      their_run = theirs(config, b, dtype, rng) if FLAGS.torch else None
       our_run, xla_flops, compile_s = ours(config, b, dtype, rng)
-      ips, tps, ratio = _alternate(our_run, their_run if dtype == "float32" else None, b)
+      ips, tps, ratio = _alternate(our_run, their_run, b)
       per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompt_length)
       achieved = per_image * ips / 1e12
       mfu = f"{achieved / peak:6.1%}" if peak else f"{'n/a':>6}"
@@ -230,11 +317,19 @@ def main(argv):
     print(f"eval-mode forward (both towers, no gradients):\n{'batch':>6} {'dtype':>9} {'ours img/s':>11} "
           f"{'torch img/s':>12} {'ratio':>6}")
     for b in map(int, FLAGS.batch_sizes):
-      their_run = theirs_forward(config, b, rng) if FLAGS.torch else None
       for dtype in FLAGS.dtypes:
-        ips, tps, ratio = _alternate(ours_forward(config, b, dtype, rng),
-                                     their_run if dtype == "float32" else None, b)
+        their_run = theirs_forward(config, b, dtype, rng) if FLAGS.torch else None
+        ips, tps, ratio = _alternate(ours_forward(config, b, dtype, rng), their_run, b)
         print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio}", flush=True)
+  if FLAGS.towers and FLAGS.torch:
+    print(f"each tower alone (ms per batch; text = caption + {FLAGS.prompts} prompts per image):\n"
+          f"{'batch':>6} {'dtype':>9} {'tower':>6} {'pass':>8} {'ours ms':>8} {'torch ms':>9} {'ratio':>6}")
+    for b in map(int, FLAGS.batch_sizes):
+      for dtype in FLAGS.dtypes:
+        for (tower, kind), (our_run, their_run) in tower_runs(config, b, dtype, rng).items():
+          ips, tps, ratio = _alternate(our_run, their_run, b)
+          print(f"{b:>6} {dtype:>9} {tower:>6} {kind:>8} {1e3 * b / ips:>8.2f} {1e3 * b / tps:>9.2f} {ratio}",
+                flush=True)
   print(f"peak host memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
