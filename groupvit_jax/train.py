@@ -354,8 +354,10 @@ def main(argv):
       f.write(flags.FLAGS.config.to_json_best_effort(indent=2))
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  if jax.default_backend() == "cpu" and (hint := launching.cpu_malloc_hint()):
-    logging.info(hint)
+  if jax.default_backend() == "cpu":
+    for hint in (launching.cpu_malloc_hint(), launching.cpu_bf16_hint(flags.FLAGS.config.model.dtype)):
+      if hint:
+        logging.info(hint)
   train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)
 
 

@@ -108,3 +108,8 @@ def test_cpu_malloc_hint_names_the_tunable_until_it_is_set(monkeypatch):
     assert launching.CPU_MALLOC_TUNABLES in hint
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:" + launching.CPU_MALLOC_TUNABLES)
   assert launching.cpu_malloc_hint() is None
+
+
+def test_cpu_bf16_hint_points_cpu_runs_to_float32():
+  assert "--config.model.dtype=float32" in launching.cpu_bf16_hint("bfloat16")
+  assert launching.cpu_bf16_hint("float32") is None
