@@ -156,7 +156,8 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, output: str) -
   spm.SentencePieceTrainer.train(
       sentence_iterator=(regex.sub(r"\s+", " ", c.lower()).strip() for c in captions),
       model_writer=model, vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
-      pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, hard_vocab_limit=False)
+      pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, hard_vocab_limit=False,
+      minloglevel=1)  # warnings and errors only: its INFO log is ~100 lines per model
   with tf.io.gfile.GFile(output, "wb") as f:
     f.write(model.getvalue())
   return output
