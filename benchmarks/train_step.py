@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from groupvit_jax import config_lib, launching, optim, train
+from groupvit_jax import config_lib, launching, optim, sharding, train_state
 from groupvit_jax.models import build_model, flops, random_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
@@ -87,9 +87,9 @@ def ours(config, b, dtype, rng):
   model = build_model(config.model)
   tx, schedule = optim.make_optimizer(config, 1000, 10, b)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(train.sharding.LOGICAL_RULES):
-    state, _ = train.init_sharded_state(model, tx, config, mesh, jax.random.key(0))
-    step = jax.jit(train.make_train_step(model, tx, schedule, config, jax.random.key(1)), donate_argnums=0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    state, _ = train_state.init_sharded_state(model, tx, config, mesh, jax.random.key(0))
+    step = jax.jit(train_state.make_train_step(model, tx, schedule, config, jax.random.key(1)), donate_argnums=0)
     images, text = _batch(config, b, FLAGS.prompts, rng)
     batch = {"image": jnp.asarray(images), **_our_inputs(config, text)}
     start = time.perf_counter()

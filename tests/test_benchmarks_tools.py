@@ -50,3 +50,18 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower():
     ours, theirs, ratio = map(float, r[4:7])
     assert ours > 0 and theirs > 0, r
     assert (theirs - 0.005) / (ours + 0.005) - 0.005 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.005, r
+
+
+def test_train_step_and_its_benchmark_import_without_tensorflow():
+  """GPU images often lack TensorFlow (and clu, whose writers import it): the step must not need them."""
+  code = ("import importlib.abc, sys\n"
+          "class Block(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path, target=None):\n"
+          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'tensorflow_text', 'clu'):\n"
+          "      raise ImportError('no ' + name + ' here')\n"
+          "sys.meta_path.insert(0, Block())\n"
+          "import benchmarks.train_step, groupvit_jax.train_state\n"
+          "assert 'tensorflow' not in sys.modules\n")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
