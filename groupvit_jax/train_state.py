@@ -24,6 +24,7 @@ from groupvit_jax.models import init_variables
 
 @flax.struct.dataclass
 class TrainState:
+  """What the step advances: the step counter, parameters, BatchNorm statistics, optimiser state."""
   step: jax.Array
   params: Any
   batch_stats: Any
