@@ -205,7 +205,7 @@ class GroupViTImageEncoder(nn.Module):
                           (None, "patches", "embed"))
     if tuple(grid) != (grid_size, grid_size):
       pos = resize_pos_embed(pos, grid_size, grid)
-    x = x + pos.astype(x.dtype)
+    x = (x + pos).astype(self.dtype)  # added in float32: its gradient then sums in float32 too
 
     total = sum(self.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]

@@ -41,18 +41,28 @@ def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequ
 
 
 class Dense(nn.Dense):
-  """nn.Dense that runs `[..., in]` inputs as one `[rows, in]` product.
+  """nn.Dense (same parameters) that runs `[..., in]` inputs as one `[rows, in]` product and adds the
+  bias in the parameters' float32.
 
-  Same parameters and outputs. On a `[batch, tokens, in]` input nn.Dense's kernel gradient contracts
-  two axes at once, which XLA:CPU runs as a generic contraction 2-2.5x slower than the 2-D product
-  (GroupViT's demo step: a fifth of its time in these); flattening first makes it a plain matmul.
+  - On a `[batch, tokens, in]` input nn.Dense's kernel gradient contracts two axes at once, which
+    XLA:CPU runs as a generic contraction 2-2.5x slower than the 2-D product (GroupViT's demo step: a
+    fifth of its time in these); flattening first makes it a plain matmul.
+  - nn.Dense adds the bias in `dtype`, so under bfloat16 the bias gradient is a bfloat16 sum over all
+    rows, which XLA:CPU rewrites into a slow windowed reduction (15-20 % of the demo towers'
+    backward). Adding it in float32 (one rounding to `dtype` after the add) makes that sum float32;
+    the product itself stays in `dtype`. With float32 compute the two are the same operations.
   """
 
+  @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if inputs.ndim <= 2:
-      return super().__call__(inputs)
-    out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-    return out.reshape(*inputs.shape[:-1], out.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(inputs, kernel)
+    x = inputs.reshape(-1, inputs.shape[-1]) if inputs.ndim > 2 else inputs
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = (y + bias).astype(dtype)
+    return y.reshape(*inputs.shape[:-1], self.features)
 
 
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str, dtype: Dtype,
@@ -141,7 +151,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
   q = q.reshape(b, n, num_heads, head_dim)
   k = k.reshape(b, s, num_heads, head_dim)
   v = v.reshape(b, s, num_heads, head_dim)
-  logits = jnp.einsum("bnhd,bshd->bhns", q, k).astype(jnp.float32) * head_dim**-0.5
+  # Scaling q rather than the logits: the same numbers for head_dim = 16, 64, 256 (a power-of-two
+  # scale), and XLA:CPU then does not materialise a [batch, heads, queries, keys] scale array per call.
+  q = q * head_dim**-0.5
+  logits = jnp.einsum("bnhd,bshd->bhns", q, k).astype(jnp.float32)
   if mask is not None:
     logits = logits + mask
   # softmax(l) @ v computed as (exp(l - max) @ v) / sum: the normalisation divides the [.., head_dim]
@@ -149,7 +162,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
   unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   denom = unnormalised.sum(axis=-1)  # [b, h, n]
   out = jnp.einsum("bhns,bshd->bnhd", unnormalised.astype(v.dtype), v)
-  out = out / jnp.swapaxes(denom, 1, 2)[..., None].astype(out.dtype)
+  # Divided in float32 (one rounding to v's dtype): the denominator's gradient then sums in float32.
+  out = (out / jnp.swapaxes(denom, 1, 2)[..., None]).astype(v.dtype)
   return out.reshape(b, n, c)
 
 

@@ -53,7 +53,8 @@ class TextTransformer(nn.Module):
                                 ("vocab", "embed"))
     pos = param_with_axes(self, "positional_embedding", normal(0.01), (self.context_length, self.width),
                           (None, "embed"))
-    x = jnp.take(embedding, text, axis=0).astype(self.dtype) + pos[:length].astype(self.dtype)
+    # Added in float32 (one rounding to dtype): under bfloat16 the position gradient then sums in float32.
+    x = (jnp.take(embedding, text, axis=0) + pos[:length]).astype(self.dtype)
     causal = jnp.triu(jnp.full((length, length), -jnp.inf, jnp.float32), k=1)
     block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from groupvit_jax import config_lib
 from groupvit_jax.models import build_model, init_variables
 from groupvit_jax.models.grouping import assignment_probs
-from groupvit_jax.models.layers import BatchNorm
+from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention
+from groupvit_jax.models.text_transformer import TextTransformer
 from groupvit_jax.models.vit import resize_pos_embed
 
 
@@ -146,6 +147,37 @@ def test_bf16_forward_stays_close_to_fp32():
     cos = np.sum(a * b, axis=-1)
     # Documented tolerance (README): cosine similarity of bf16 vs fp32 embeddings >= 0.99.
     assert cos.min() >= 0.99, (key, cos.min())
+
+
+def _reduce_sum_dtypes(closed_jaxpr):
+  """The input dtypes of every reduce_sum in a jaxpr, sub-jaxprs (pjit, remat, custom_jvp) included."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "reduce_sum":
+        yield eqn.invars[0].aval.dtype
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            yield from walk(inner)
+  return list(walk(closed_jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("module, make_input", [
+    (Dense(48, dtype=jnp.bfloat16), lambda: jnp.ones((4, 10, 32))),
+    (SelfAttention(4, dtype=jnp.bfloat16), lambda: jnp.ones((4, 10, 32))),
+    (TextTransformer(context_length=8, vocab_size=50, width=32, layers=1, heads=4, dtype=jnp.bfloat16),
+     lambda: jnp.tile(jnp.arange(1, 9), (4, 1))),
+], ids=["dense", "self_attention", "text_transformer"])
+def test_bf16_gradients_sum_in_float32(module, make_input):
+  # Under bfloat16 compute, the sums in the backward pass (bias, position embedding and softmax
+  # denominator gradients) run over float32: XLA:CPU rewrites bfloat16 sums into slow windowed
+  # reductions (with flax's nn.Dense they took 15-20 % of the demo towers' backward).
+  x = make_input()
+  params = module.init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32)**2)
+  dtypes = _reduce_sum_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
+  assert dtypes and jnp.dtype(jnp.bfloat16) not in dtypes, dtypes
 
 
 def test_remat_gives_identical_outputs_and_gradients():
