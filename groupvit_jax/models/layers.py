@@ -79,15 +79,32 @@ def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str
       name=name)
 
 
-def layer_norm(name: str, dtype: Dtype, axis_name: str = "embed") -> nn.LayerNorm:
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis with float32 statistics (parameters `scale`, `bias` as nn.LayerNorm's).
+
+  Computes ((x - mean) * rsqrt(var + eps)) * scale + bias with a two-pass variance, as PyTorch does.
+  nn.LayerNorm folds the scale into the per-row factor (rsqrt(var + eps) * scale), a [rows, features]
+  product that XLA:CPU materialises, with the scale broadcast to the activation's shape, in the forward
+  and again for the backward of every LayerNorm (~6 % of the demo train step).
+  """
+  epsilon: float = LN_EPS
+  dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = param_with_axes(self, "scale", ones, (features,), (self.axis_name,))
+    bias = param_with_axes(self, "bias", zeros, (features,), (self.axis_name,))
+    xf = x.astype(jnp.float32)
+    centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def layer_norm(name: str, dtype: Dtype, axis_name: str = "embed") -> LayerNorm:
   """LayerNorm with the reference's epsilon, float32 statistics and logical axes."""
-  return nn.LayerNorm(
-      epsilon=LN_EPS,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(ones, (axis_name,)),
-      bias_init=nn.with_logical_partitioning(zeros, (axis_name,)),
-      name=name)
+  return LayerNorm(dtype=dtype, axis_name=axis_name, name=name)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
