@@ -11,6 +11,33 @@ from groupvit_jax.models.layers import (Dtype, DropPath, Mlp, SelfAttention, lay
                                         torch_default_bias, torch_default_kernel, normal)
 
 
+class PatchProjection(nn.Module):
+  """nn.Conv(dim, (p, p), strides=(p, p), padding="VALID") with the same parameters, as one product.
+
+  Each whole patch, flattened in (row, column, channel) order, times the kernel reshaped to
+  [p * p * channels, dim]: the convolution's arithmetic (a cross-correlation) as a plain matmul. On
+  XLA:CPU the strided convolution's kernel gradient transposed the whole image batch channel-minor
+  first; here it is one [p*p*c, patches] x [patches, dim] product. The bias is added in float32.
+  """
+  patch_size: int
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    b, h, w, c = images.shape
+    kernel = param_with_axes(self, "kernel", torch_default_kernel, (p, p, c, self.dim),
+                             (None, None, None, "embed"))
+    bias = param_with_axes(self, "bias", torch_default_bias(p * p * c), (self.dim,), ("embed",))
+    gh, gw = h // p, w // p
+    # Like PyTorch's strided conv (and the reference), pixels past the last whole patch are dropped.
+    patches = images[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b * gh * gw, p * p * c).astype(self.dtype)
+    y = jnp.dot(patches, kernel.reshape(p * p * c, self.dim).astype(self.dtype))
+    return (y + bias).astype(self.dtype).reshape(b, gh, gw, self.dim)
+
+
 class PatchEmbed(nn.Module):
   """Non-overlapping patch convolution followed by LayerNorm.
 
@@ -23,16 +50,9 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     p = self.patch_size
-    b, h, w, c = images.shape
-    # Like PyTorch's strided conv (and the reference), pixels past the last whole patch are dropped.
-    fan_in = p * p * c
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(torch_default_kernel,
-                                                         (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(torch_default_bias(fan_in), ("embed",)),
-                name="proj")(images.astype(self.dtype))
+    b, h, w, _ = images.shape
     grid = (h // p, w // p)
+    x = PatchProjection(p, self.dim, dtype=self.dtype, name="proj")(images)
     x = x.reshape(b, grid[0] * grid[1], self.dim)
     return layer_norm("norm", self.dtype)(x), grid
 
