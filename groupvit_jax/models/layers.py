@@ -194,10 +194,15 @@ class SelfAttention(nn.Module):
   out_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
+               query_index: Optional[jax.Array] = None) -> jax.Array:
+    """[batch, tokens, dim] -> the same, or with `query_index` ([batch] ints) only the output at that
+    token of each sequence, [batch, 1, dim] (every token still serves as key and value)."""
     c = x.shape[-1]
     qkv = dense(3 * c, ("embed", "heads"), name=self.qkv_name, dtype=self.dtype, std=self.qkv_std)(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
+    if query_index is not None:
+      q = jnp.take_along_axis(q, query_index[:, None, None], axis=1)
     out = attention(q, k, v, self.num_heads, mask)
     return dense(c, ("heads", "embed"), name=self.out_name, dtype=self.dtype, std=self.out_std)(out)
 
