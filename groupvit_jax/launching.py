@@ -37,9 +37,9 @@ def cpu_bf16_hint(dtype: str) -> str | None:
   if str(dtype) != "bfloat16":
     return None
   # XLA:CPU has no native bf16 matrix products: measured on an AVX-512-BF16 CPU, the demo config's
-  # train step at batch 64 ran at 461 images/s in bf16 against 549 in fp32 (README, Benchmarks).
-  return ("model.dtype is bfloat16 on CPU, where XLA computes it slower than float32 (demo step: 461 vs "
-          "549 images/s); for CPU runs pass --config.model.dtype=float32")
+  # train step at batch 64 ran at 444 images/s in bf16 against 573 in fp32 (README, Benchmarks).
+  return ("model.dtype is bfloat16 on CPU, where XLA computes it slower than float32 (demo step: 444 vs "
+          "573 images/s); for CPU runs pass --config.model.dtype=float32")
 
 # ---------------------------------------------------------------------------------------------------
 # Cloud TPU VMs.
