@@ -7,8 +7,8 @@ passes: the backward pass computes two products per forward product (the gradien
 the input and to the weight). For GroupViT-S this gives 42.2 GFLOP per training image with a
 caption and 3 prompts of 77 tokens as the reference computes it (32.6 with the prompts at 24 tokens,
 `input.prompt_length`); ours, whose text tower's last block computes the EOT token alone (the only
-output read), 41.1 and 32.1. XLA's own count of the compiled step, which also counts the elementwise work, is within a few
-percent of it (`benchmarks/train_step.py` prints both).
+output read), 41.1 and 32.1. XLA's own count of the compiled step, which also counts the elementwise
+work, is within a few percent of it (`benchmarks/train_step.py` prints both).
 
 Per image, with width D, MLP ratio r, T tokens in a transformer block:
   block:            2 T D^2 (4 + 2r)     qkv + output projection + MLP
@@ -90,8 +90,8 @@ def forward_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size
   parts = image_tower(model.image)
   parts["image_projector"] = projector(model.image.dim, model.projection_hidden_dim, model.projection_dim,
                                        model.projection_layers)
-  parts["text_tower"] = (text_tower(model.text, text_length, full_last_block)
-                         + num_prompts * text_tower(model.text, prompt_length or text_length, full_last_block))
+  text = lambda length: text_tower(model.text, length, full_last_block)
+  parts["text_tower"] = text(text_length) + num_prompts * text(prompt_length or text_length)
   parts["text_projector"] = texts * projector(model.text.width, model.projection_hidden_dim,
                                               model.projection_dim, model.projection_layers)
   out_dim = model.projection_dim if model.projection_layers else model.image.dim
@@ -103,4 +103,5 @@ def forward_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size
 def train_step_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size: int = 1,
                      prompt_length: int | None = None, full_last_block: bool = False) -> float:
   """FLOPs per image of one training step (forward + backward = 3 forward passes)."""
-  return 3 * forward_flops(model, text_length, num_prompts, batch_size, prompt_length, full_last_block)["total"]
+  parts = forward_flops(model, text_length, num_prompts, batch_size, prompt_length, full_last_block)
+  return 3 * parts["total"]

@@ -26,9 +26,9 @@ class ResidualAttentionBlock(nn.Module):
     attn_std = width**-0.5
     proj_std = width**-0.5 * (2 * self.num_layers)**-0.5
     fc_std = (2 * width)**-0.5
-    y = SelfAttention(self.num_heads, dtype=self.dtype, qkv_name="in_proj", out_name="out_proj",
-                      qkv_std=attn_std, out_std=proj_std, name="attn")(layer_norm("ln_1", self.dtype)(x), mask,
-                                                                       query_index)
+    attn = SelfAttention(self.num_heads, dtype=self.dtype, qkv_name="in_proj", out_name="out_proj",
+                         qkv_std=attn_std, out_std=proj_std, name="attn")
+    y = attn(layer_norm("ln_1", self.dtype)(x), mask, query_index)
     if query_index is not None:
       x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
     x = x + y
@@ -55,6 +55,9 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, text: jax.Array) -> jax.Array:
     lead, length = text.shape[:-1], text.shape[-1]
+    if self.layers < 1:
+      raise ValueError(f"text.layers must be at least 1 (the EOT feature comes out of the last block), "
+                       f"got {self.layers}")
     if length > self.context_length:
       raise ValueError(f"text length {length} exceeds the context length {self.context_length}")
     text = text.reshape(-1, length)

@@ -47,7 +47,8 @@ def test_analytic_count_matches_xla_within_the_elementwise_work(name):
 
 def test_groupvit_s_train_step_count():
   model = config_lib.groupvit_s_model()
-  reference = flops.train_step_flops(model, text_length=77, num_prompts=3, batch_size=4096, full_last_block=True)
+  reference = flops.train_step_flops(model, text_length=77, num_prompts=3, batch_size=4096,
+                                     full_last_block=True)
   # 3 x (image tower 7.94 + four 77-token texts 6.10 + projectors and logits) GFLOP.
   assert reference == pytest.approx(42.2e9, rel=0.005)
   short = flops.train_step_flops(model, text_length=77, num_prompts=3, batch_size=4096, prompt_length=24,
