@@ -40,6 +40,17 @@ def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequ
   return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
 
 
+def affine(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], dtype: Dtype,
+           precision: Any = None) -> jax.Array:
+  """`[rows, in] @ [in, out]` in `dtype`, plus the bias added in float32, rounded once to `dtype`.
+
+  Under bfloat16 the bias gradient is then a float32 sum: XLA:CPU rewrites bfloat16 sums into slow
+  windowed reductions (see Dense).
+  """
+  y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision)
+  return y if bias is None else (y + bias).astype(dtype)
+
+
 class Dense(nn.Dense):
   """nn.Dense (same parameters) that runs `[..., in]` inputs as one `[rows, in]` product and adds the
   bias in the parameters' float32.
@@ -58,11 +69,8 @@ class Dense(nn.Dense):
     kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(inputs, kernel)
     x = inputs.reshape(-1, inputs.shape[-1]) if inputs.ndim > 2 else inputs
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      y = (y + bias).astype(dtype)
-    return y.reshape(*inputs.shape[:-1], self.features)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    return affine(x, kernel, bias, dtype, self.precision).reshape(*inputs.shape[:-1], self.features)
 
 
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str, dtype: Dtype,

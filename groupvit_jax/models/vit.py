@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from groupvit_jax.models import interpolate
-from groupvit_jax.models.layers import (Dtype, DropPath, Mlp, SelfAttention, layer_norm, param_with_axes,
+from groupvit_jax.models.layers import (Dtype, DropPath, Mlp, SelfAttention, affine, layer_norm, param_with_axes,
                                         torch_default_bias, torch_default_kernel, normal)
 
 
@@ -33,9 +33,8 @@ class PatchProjection(nn.Module):
     gh, gw = h // p, w // p
     # Like PyTorch's strided conv (and the reference), pixels past the last whole patch are dropped.
     patches = images[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b * gh * gw, p * p * c).astype(self.dtype)
-    y = jnp.dot(patches, kernel.reshape(p * p * c, self.dim).astype(self.dtype))
-    return (y + bias).astype(self.dtype).reshape(b, gh, gw, self.dim)
+    y = affine(patches.reshape(b * gh * gw, p * p * c), kernel.reshape(p * p * c, self.dim), bias, self.dtype)
+    return y.reshape(b, gh, gw, self.dim)
 
 
 class PatchEmbed(nn.Module):
