@@ -4,6 +4,7 @@ Every parameter carries logical axis names (see `groupvit_jax.sharding`) so the 
 compute runs in `dtype` over float32 parameters, with softmaxes kept in float32.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,15 +41,69 @@ def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequ
   return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), jnp.float32)
 
 
+def _f32_products_supported(rows: int, n_in: int, n_out: int) -> bool:
+  """Whether XLA:CPU can run bf16 x bf16 -> f32 for all three products of a [rows, in] @ [in, out]
+  matmul and its gradients. It does so only through YNNPACK, which takes no vector (an extent of 1)
+  and no product whose extents are all below 8; its fallback (Eigen's DotThunk) rejects that dtype
+  combination at run time ("Unsupported element type ... BF16 x BF16 = F32"). Rows may be split
+  over every device (data parallelism), so they are counted per device.
+  """
+  rows = rows // max(1, jax.device_count())
+  return min(rows, n_in, n_out) > 1 and max(rows, n_in, n_out) >= 8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x: jax.Array, kernel: jax.Array, dtype: Dtype, precision: Any = None) -> jax.Array:
+  """`[rows, in] @ [in, out]` with both operands rounded to `dtype` and a float32 result.
+
+  The two gradient products run the same way: the float32 cotangent is rounded to `dtype` once and
+  each product accumulates into float32, so under bfloat16 all three products are bf16 x bf16 -> f32,
+  which XLA:CPU runs with native bf16 kernels (YNNPACK, AVX512-BF16) at about twice its float32 rate.
+  A bf16 -> bf16 product, or the f32 x bf16 ones JAX's own gradient of a float32-output product
+  makes, run upcast to float32. PyTorch's bf16 autocast is the same arithmetic (bf16 products, f32
+  accumulation). Gradients come back in the operands' own dtypes: a float32 kernel gets its float32
+  accumulation without a bf16 rounding. With float32 `dtype` these are the products JAX's autodiff
+  of `x @ kernel` makes (`affine` then uses that directly).
+  """
+  return _matmul_fwd(x, kernel, dtype, precision)[0]
+
+
+def _matmul_fwd(x, kernel, dtype, precision):
+  rows, n_in = x.shape
+  if not _f32_products_supported(rows, n_in, kernel.shape[1]):
+    dtype = jnp.float32  # tiny or vector-shaped: float32 operands (exact for bf16 values)
+  xc, kc = x.astype(dtype), kernel.astype(dtype)
+  out = jax.lax.dot(xc, kc, precision=precision, preferred_element_type=jnp.float32)
+  # Empty arrays carry the operands' dtypes to the backward pass (residuals must be arrays).
+  return out, (xc, kc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+
+
+def _matmul_bwd(dtype, precision, residuals, g):
+  xc, kc, x_dtype, kernel_dtype = residuals
+  g = g.astype(xc.dtype)
+  contract = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                                                    preferred_element_type=jnp.float32)
+  dx = contract(g, kc, ((1,), (1,)))  # [rows, out] . [in, out] -> [rows, in]
+  dk = contract(xc, g, ((0,), (0,)))  # [rows, in] . [rows, out] -> [in, out]
+  return dx.astype(x_dtype.dtype), dk.astype(kernel_dtype.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def affine(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], dtype: Dtype,
            precision: Any = None) -> jax.Array:
-  """`[rows, in] @ [in, out]` in `dtype`, plus the bias added in float32, rounded once to `dtype`.
+  """`[rows, in] @ [in, out]` in `dtype` with a float32 result (a `matmul` below float32; with float32
+  compute JAX's own product and gradient), plus the bias in float32, rounded once to `dtype`.
 
   Under bfloat16 the bias gradient is then a float32 sum: XLA:CPU rewrites bfloat16 sums into slow
   windowed reductions (see Dense).
   """
-  y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision)
-  return y if bias is None else (y + bias).astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision)
+  else:
+    y = matmul(x, kernel, jnp.dtype(dtype), precision)
+  return (y if bias is None else y + bias).astype(dtype)
 
 
 class Dense(nn.Dense):
@@ -60,8 +115,10 @@ class Dense(nn.Dense):
     fifth of its time in these); flattening first makes it a plain matmul.
   - nn.Dense adds the bias in `dtype`, so under bfloat16 the bias gradient is a bfloat16 sum over all
     rows, which XLA:CPU rewrites into a slow windowed reduction (15-20 % of the demo towers'
-    backward). Adding it in float32 (one rounding to `dtype` after the add) makes that sum float32;
-    the product itself stays in `dtype`. With float32 compute the two are the same operations.
+    backward). Adding it in float32 (one rounding to `dtype` after the add) makes that sum float32.
+  - Below float32 the product is a `matmul`: `dtype` operands, float32 result, and a backward whose
+    products are also `dtype` x `dtype` -> float32 (native bf16 kernels on CPU; see `matmul`).
+  With float32 compute these are the same operations as nn.Dense's.
   """
 
   @nn.compact

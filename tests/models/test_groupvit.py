@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from groupvit_jax import config_lib
 from groupvit_jax.models import build_model, init_variables
 from groupvit_jax.models.grouping import assignment_probs
-from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention
+from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention, matmul
 from groupvit_jax.models.text_transformer import TextTransformer
 from groupvit_jax.models.vit import resize_pos_embed
 
@@ -149,18 +149,20 @@ def test_bf16_forward_stays_close_to_fp32():
     assert cos.min() >= 0.99, (key, cos.min())
 
 
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of sub-jaxprs (pjit, remat, custom_jvp/vjp) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
 def _reduce_sum_dtypes(closed_jaxpr):
-  """The input dtypes of every reduce_sum in a jaxpr, sub-jaxprs (pjit, remat, custom_jvp) included."""
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "reduce_sum":
-        yield eqn.invars[0].aval.dtype
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            yield from walk(inner)
-  return list(walk(closed_jaxpr.jaxpr))
+  """The input dtypes of every reduce_sum in a jaxpr."""
+  return [e.invars[0].aval.dtype for e in _eqns(closed_jaxpr.jaxpr) if e.primitive.name == "reduce_sum"]
 
 
 @pytest.mark.parametrize("module, make_input", [
@@ -178,6 +180,31 @@ def test_bf16_gradients_sum_in_float32(module, make_input):
   loss = lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32)**2)
   dtypes = _reduce_sum_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
   assert dtypes and jnp.dtype(jnp.bfloat16) not in dtypes, dtypes
+
+
+@pytest.mark.parametrize("shape", [(32, 48, 64), (1, 48, 64), (32, 1, 64), (32, 48, 1), (3, 5, 7)])
+def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
+  # Every product of a bf16 Dense, forward and backward, is bf16 x bf16 -> f32 (the form XLA:CPU runs
+  # with native bf16 kernels); the kernel's gradient stays float32. Vector and tiny shapes, which
+  # XLA:CPU cannot run in that form, fall back to float32 operands and must still run.
+  rows, n_in, n_out = shape
+  x = jax.random.normal(jax.random.key(0), (rows, n_in))
+  kernel = jax.random.normal(jax.random.key(1), (n_in, n_out))
+  loss = lambda x, k, dtype: jnp.sum(jnp.sin(matmul(x.astype(dtype), k, jnp.dtype(dtype))))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  dots = [e for e in _eqns(jax.make_jaxpr(grad, static_argnums=2)(x, kernel, "bfloat16").jaxpr)
+          if e.primitive.name == "dot_general"]
+  operand = jnp.float32 if shape == (3, 5, 7) or 1 in shape else jnp.bfloat16
+  assert len(dots) == 3 and all(
+      [v.aval.dtype for v in e.invars] == [operand, operand] and e.params["preferred_element_type"] == jnp.float32
+      for e in dots), [(e.invars, e.params["preferred_element_type"]) for e in dots]
+  dx, dk = grad(x, kernel, "bfloat16")  # runs on this backend
+  assert dk.dtype == jnp.float32
+  ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(x @ k)), argnums=(0, 1))(x, kernel)
+  for ours, exact in zip(grad(x, kernel, "float32"), ref):  # float32: JAX's own gradient
+    np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-6)
+  for ours, exact in zip((dx, dk), ref):  # bf16: within bf16 rounding of inputs and cotangent
+    np.testing.assert_allclose(np.asarray(ours, np.float32), exact, atol=0.1 * float(np.abs(exact).max()))
 
 
 def test_remat_gives_identical_outputs_and_gradients():
