@@ -1,5 +1,7 @@
 """Behaviour of the Flax modules: straight-through assignment, resize, BatchNorm, bf16, remat."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -182,11 +184,23 @@ def test_bf16_gradients_sum_in_float32(module, make_input):
   assert dtypes and jnp.dtype(jnp.bfloat16) not in dtypes, dtypes
 
 
+def _compiled_dot_operand_dtypes(hlo_text):
+  """(lhs, rhs) element types of every dot in a compiled HLO module's text, fusion bodies included."""
+  dtypes = []
+  for computation in re.split(r"\n(?=\S)", hlo_text):
+    defined = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+    for lhs, rhs in re.findall(r"= \w+\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+      dtypes.append((defined.get(lhs), defined.get(rhs)))
+  return dtypes
+
+
 @pytest.mark.parametrize("shape", [(32, 48, 64), (1, 48, 64), (32, 1, 64), (32, 48, 1), (3, 5, 7)])
 def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
   # Every product of a bf16 Dense, forward and backward, is bf16 x bf16 -> f32 (the form XLA:CPU runs
-  # with native bf16 kernels); the kernel's gradient stays float32. Vector and tiny shapes, which
-  # XLA:CPU cannot run in that form, fall back to float32 operands and must still run.
+  # with native bf16 kernels), in the jaxpr and, on CPU, still after XLA's passes (which upcast the
+  # kernel gradient's product to float32 when it contracts dim 0 of x); the kernel's gradient stays
+  # float32. Vector and tiny shapes, which XLA:CPU cannot run in that form, fall back to float32
+  # operands and must still run.
   rows, n_in, n_out = shape
   x = jax.random.normal(jax.random.key(0), (rows, n_in))
   kernel = jax.random.normal(jax.random.key(1), (n_in, n_out))
@@ -198,6 +212,9 @@ def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
   assert len(dots) == 3 and all(
       [v.aval.dtype for v in e.invars] == [operand, operand] and e.params["preferred_element_type"] == jnp.float32
       for e in dots), [(e.invars, e.params["preferred_element_type"]) for e in dots]
+  if operand == jnp.bfloat16 and jax.default_backend() == "cpu":
+    compiled = grad.lower(x, kernel, "bfloat16").compile().as_text()
+    assert _compiled_dot_operand_dtypes(compiled) == [("bf16", "bf16")] * 3, _compiled_dot_operand_dtypes(compiled)
   dx, dk = grad(x, kernel, "bfloat16")  # runs on this backend
   assert dk.dtype == jnp.float32
   ref = jax.grad(lambda x, k: jnp.sum(jnp.sin(x @ k)), argnums=(0, 1))(x, kernel)
