@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from groupvit_jax import config_lib
 from groupvit_jax.models import build_model, init_variables
 from groupvit_jax.models.grouping import assignment_probs
-from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention, matmul
+from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention, attention, matmul
 from groupvit_jax.models.text_transformer import TextTransformer
 from groupvit_jax.models.vit import resize_pos_embed
 
@@ -222,6 +222,31 @@ def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
     np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-6)
   for ours, exact in zip((dx, dk), ref):  # bf16: within bf16 rounding of inputs and cotangent
     np.testing.assert_allclose(np.asarray(ours, np.float32), exact, atol=0.1 * float(np.abs(exact).max()))
+
+
+@pytest.mark.parametrize("queries, keys, mask", [
+    (20, 20, None), (12, 12, "causal"), (6, 20, "per_sequence"), (1, 12, "per_sequence"), (3, 5, None)])
+def test_bf16_attention_runs_native_products_and_matches_float32(queries, keys, mask):
+  # Below float32 on CPU, attention runs every product of forward and backward as a row-major
+  # bf16 x bf16 -> f32 product (its own VJP); a query vector takes the einsum path, and XLA may upcast
+  # tiny products. All run and stay within bf16 rounding of the float32 result and gradients.
+  b, c, heads = 3, 64, 4
+  q, k, v, w = (jax.random.normal(jax.random.key(i), (b, t, c)) for i, t in enumerate((queries, keys, keys, queries)))
+  if mask == "causal":
+    mask = jnp.where(jnp.arange(keys)[None, :] > jnp.arange(queries)[:, None], -jnp.inf, 0.0)
+  elif mask == "per_sequence":
+    mask = jnp.where(jax.random.uniform(jax.random.key(9), (b, 1, 1, keys)) < 0.3, -jnp.inf, 0.0).at[..., 0].set(0.0)
+  loss = lambda q, k, v, dtype: jnp.sum(attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), heads, mask)
+                                        .astype(jnp.float32) * w)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  if jax.default_backend() == "cpu" and min(queries, keys) >= 6:  # 2 products forward, 4 backward
+    dots = _compiled_dot_operand_dtypes(grad.lower(q, k, v, "bfloat16").compile().as_text())
+    assert dots == [("bf16", "bf16")] * 6, dots
+  (value, grads), (ref_value, ref_grads) = grad(q, k, v, "bfloat16"), grad(q, k, v, "float32")
+  np.testing.assert_allclose(value, ref_value, rtol=0.02, atol=0.02 * float(jnp.abs(w).sum()) ** 0.5)
+  for ours, exact in zip(grads, ref_grads):
+    error = float(jnp.linalg.norm(ours.astype(jnp.float32) - exact) / jnp.linalg.norm(exact))
+    assert error < 0.02, error
 
 
 def test_remat_gives_identical_outputs_and_gradients():
