@@ -32,16 +32,31 @@ def cpu_malloc_hint() -> str | None:
           f"time in page faults (export GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}; see README, Benchmarks)")
 
 
-def cpu_bf16_hint(dtype: str) -> str | None:
-  """A one-line hint when a CPU run computes in bfloat16, which is faster there than float32 only for
-  larger models, else None."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+  """The CPU's feature flags as Linux lists them (empty where it does not)."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def cpu_bf16_hint(dtype: str, flags: set[str] | None = None) -> str | None:
+  """A one-line hint when a CPU run computes in bfloat16 on a CPU without native bf16 products
+  (AVX512-BF16 or AMX-BF16 in `flags`, default this machine's), where float32 is faster; else None."""
   if str(dtype) != "bfloat16":
     return None
-  # XLA:CPU runs only the Dense products natively in bf16 (layers.matmul; AVX512-BF16 CPUs); measured
-  # on one (README, Benchmarks): demo step b64 532 images/s bf16 vs 561 fp32, GroupViT-S b8 5.4 vs 4.2.
-  return ("model.dtype is bfloat16 on CPU, where XLA runs only the Dense products natively in bf16 "
-          "(AVX512-BF16 CPUs): small models train faster in float32 (demo step: 532 vs 561 images/s), "
-          "GroupViT-S-sized ones in bf16 (5.4 vs 4.2); to compare pass --config.model.dtype=float32")
+  flags = cpu_flags() if flags is None else flags
+  if flags & {"avx512_bf16", "amx_bf16"}:
+    # Measured on an AVX512-BF16 CPU (README, Benchmarks, session 14), bf16 vs float32 train steps:
+    # GroupViT-S b8 7.1 vs 4.2 images/s, demo b64 618 vs 562, tiny b16 1,130 vs 1,174.
+    return None
+  return ("model.dtype is bfloat16 on a CPU without AVX512-BF16/AMX-BF16, where XLA runs bf16 products "
+          "upcast to float32 and training is slower than in float32 (README, Benchmarks); pass "
+          "--config.model.dtype=float32")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -110,6 +110,11 @@ def test_cpu_malloc_hint_names_the_tunable_until_it_is_set(monkeypatch):
   assert launching.cpu_malloc_hint() is None
 
 
-def test_cpu_bf16_hint_points_cpu_runs_to_float32():
-  assert "--config.model.dtype=float32" in launching.cpu_bf16_hint("bfloat16")
-  assert launching.cpu_bf16_hint("float32") is None
+def test_cpu_bf16_hint_points_cpus_without_native_bf16_to_float32(tmp_path):
+  assert "--config.model.dtype=float32" in launching.cpu_bf16_hint("bfloat16", {"avx2", "fma", "avx512f"})
+  assert launching.cpu_bf16_hint("bfloat16", {"avx512f", "avx512_bf16"}) is None
+  assert launching.cpu_bf16_hint("float32", set()) is None
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n")
+  assert launching.cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+  assert launching.cpu_flags(str(tmp_path / "missing")) == set()
