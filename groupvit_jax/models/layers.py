@@ -330,17 +330,20 @@ def _attention_core_bwd(residuals, g):
   d_denom = -jnp.sum(g * out, axis=-1, keepdims=True) / denom  # [B, n, 1]
   d_weights = _batched_dot(_with_zero_row(d_unnormalised, 2), vp, 2) + d_denom  # [B, n, s]
   dv = _batched_dot(_with_zero_row(jnp.swapaxes(weights, 1, 2), 1), d_unnormalised, 1)[:, :s]
-  d_logits = (d_weights * weights.astype(jnp.float32)).astype(dtype)
+  d_logits_f32 = d_weights * weights.astype(jnp.float32)
+  d_logits = d_logits_f32.astype(dtype)
   dq = _batched_dot(_with_zero_row(d_logits, 2), kp, 1)
   dk = _batched_dot(_with_zero_row(jnp.swapaxes(d_logits, 1, 2), 1, 2), qp, 1)[:, :s]
-  return (dq.astype(dtype), dk.astype(dtype), dv.astype(dtype),
-          None if mask is None else jnp.zeros_like(mask))
+  # An additive mask's gradient is the logits' (summed where it was broadcast); XLA drops it when the
+  # mask is a constant.
+  d_mask = None if mask is None else d_logits_f32.sum(axis=0, keepdims=True) if mask.shape[0] == 1 else d_logits_f32
+  return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype), d_mask
 
 
 @jax.custom_vjp
 def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   """softmax(q k^T + mask) v for [B, n, d] queries and [B, s, d] keys and values, as `attention`
-  computes it ((exp(l - max) v) / sum, float32 softmax), with all five products of forward and
+  computes it ((exp(l - max) v) / sum, float32 softmax), with all six products of forward and
   backward bf16 x bf16 -> f32 over row-major operands; the weights and the logits' gradient are
   rounded to the compute dtype once (as PyTorch's autocast rounds the softmax for its product)."""
   return _attention_core_fwd(q, k, v, mask)[0]

@@ -247,6 +247,12 @@ def test_bf16_attention_runs_native_products_and_matches_float32(queries, keys, 
   for ours, exact in zip(grads, ref_grads):
     error = float(jnp.linalg.norm(ours.astype(jnp.float32) - exact) / jnp.linalg.norm(exact))
     assert error < 0.02, error
+  if mask is not None:  # an additive mask gets the logits' gradient (summed over what it broadcast to)
+    mask_grad = jax.jit(jax.grad(lambda m, dtype: jnp.sum(attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), heads, m).astype(jnp.float32) * w)), static_argnums=1)
+    ours, exact = mask_grad(mask, "bfloat16"), mask_grad(mask, "float32")
+    assert ours.shape == mask.shape
+    assert float(jnp.linalg.norm(ours - exact) / jnp.linalg.norm(exact)) < 0.03
 
 
 def test_remat_gives_identical_outputs_and_gradients():
