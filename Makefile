@@ -2,9 +2,17 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export TF_CPP_MIN_LOG_LEVEL ?= 3
-# Huge pages for glibc malloc's large blocks: XLA:CPU steps otherwise spend up to a third of their
-# time faulting fresh buffers in (groupvit_jax/launching.py, CPU_MALLOC_TUNABLES; README, Benchmarks).
+# XLA:CPU steps otherwise spend up to a third of their time faulting fresh buffers in
+# (groupvit_jax/launching.py, cpu_malloc_env; README, Benchmarks): jemalloc without page purging where
+# it is installed (apt install libjemalloc2; JEMALLOC= turns it off), and huge pages for glibc malloc.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+JEMALLOC ?= $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")' 2>/dev/null)
+ifneq ($(JEMALLOC),)
+ifeq ($(findstring jemalloc,$(LD_PRELOAD)),)
+export LD_PRELOAD := $(strip $(LD_PRELOAD) $(JEMALLOC))
+endif
+export MALLOC_CONF ?= dirty_decay_ms:-1,muzzy_decay_ms:-1
+endif
 
 .PHONY: install install-core demo test bench
 

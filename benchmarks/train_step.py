@@ -306,8 +306,10 @@ def main(argv):
   print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
         f"(ours at {prompt_length or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"peak {'%.0f TFLOP/s' % peak if peak else 'unknown (pass --peak_tflops for MFU)'}")
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} (both frameworks, one process)"
-        + (f"; {hint}" if (hint := launching.cpu_malloc_hint()) and device.platform == "cpu" else ""))
+  allocator = launching.malloc_in_use()
+  setting = "MALLOC_CONF" if allocator == "jemalloc" else "GLIBC_TUNABLES"
+  print(f"malloc: {allocator}, {setting}={os.environ.get(setting, '(unset)')} (both frameworks, one process)"
+        + (f"; {hint}" if (hint := launching.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
         f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
   rng = np.random.RandomState(0)

@@ -101,13 +101,49 @@ def test_bad_sweeps_fail_before_anything_launches(body, message, tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
-def test_cpu_malloc_hint_names_the_tunable_until_it_is_set(monkeypatch):
+def test_cpu_malloc_hint_names_jemalloc_or_the_tunable_until_they_are_set(monkeypatch):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-  hint = launching.cpu_malloc_hint()
-  if sys.platform.startswith("linux"):
-    assert launching.CPU_MALLOC_TUNABLES in hint
+  monkeypatch.delenv("MALLOC_CONF", raising=False)
+  if not sys.platform.startswith("linux"):
+    assert launching.cpu_malloc_hint("glibc", jemalloc=None) is None
+    return
+  assert launching.CPU_MALLOC_TUNABLES in launching.cpu_malloc_hint("glibc", jemalloc=None)
+  assert "LD_PRELOAD=libjemalloc.so.2 " in launching.cpu_malloc_hint("glibc", jemalloc="libjemalloc.so.2")
+  assert launching.JEMALLOC_CONF in launching.cpu_malloc_hint("jemalloc")
+  assert launching.cpu_malloc_hint("tcmalloc") is None
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:" + launching.CPU_MALLOC_TUNABLES)
-  assert launching.cpu_malloc_hint() is None
+  assert launching.cpu_malloc_hint("glibc", jemalloc=None) is None
+  monkeypatch.setenv("MALLOC_CONF", "background_thread:true," + launching.JEMALLOC_CONF)
+  assert launching.cpu_malloc_hint("jemalloc") is None
+
+
+def test_cpu_malloc_env_adds_jemalloc_and_keeps_what_is_set():
+  lib = "libjemalloc.so.2"
+  assert launching.cpu_malloc_env({}, jemalloc=lib) == {
+      "GLIBC_TUNABLES": launching.CPU_MALLOC_TUNABLES, "LD_PRELOAD": lib, "MALLOC_CONF": launching.JEMALLOC_CONF}
+  assert launching.cpu_malloc_env({"LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:2", "GLIBC_TUNABLES": "x"},
+                                  jemalloc=lib) == {"LD_PRELOAD": "libfoo.so " + lib}
+  assert launching.cpu_malloc_env({"LD_PRELOAD": "/opt/libtcmalloc.so"}, jemalloc=lib) == {
+      "GLIBC_TUNABLES": launching.CPU_MALLOC_TUNABLES}
+  assert launching.cpu_malloc_env({"LD_PRELOAD": "/opt/libjemalloc.so"}, jemalloc=None) == {
+      "GLIBC_TUNABLES": launching.CPU_MALLOC_TUNABLES, "MALLOC_CONF": launching.JEMALLOC_CONF}
+  assert launching.cpu_malloc_env({"GLIBC_TUNABLES": "x"}, jemalloc=None) == {}
+
+
+def test_malloc_in_use_reads_the_process_maps(tmp_path):
+  maps = tmp_path / "maps"
+  maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n7f02-7f03 r--p 0 00:00 0 [heap]\n")
+  assert launching.malloc_in_use(str(maps)) == "glibc"
+  maps.write_text(maps.read_text() + "7f04-7f05 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+  assert launching.malloc_in_use(str(maps)) == "jemalloc"
+  assert launching.malloc_in_use(str(tmp_path / "missing")) == "glibc"
+  # A child started with cpu_malloc_env runs on jemalloc exactly where this machine has it installed.
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+  env.update(launching.cpu_malloc_env(env))
+  out = subprocess.run([sys.executable, "-c", "from groupvit_jax import launching; print(launching.malloc_in_use())"],
+                       env=env, capture_output=True, text=True, check=True).stdout.split()
+  expected = "jemalloc" if launching.find_jemalloc() and sys.platform.startswith("linux") else "glibc"
+  assert out == [expected], out
 
 
 def test_cpu_bf16_hint_points_cpus_without_native_bf16_to_float32(tmp_path):
