@@ -7,6 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 # it is installed (apt install libjemalloc2; JEMALLOC= turns it off), and huge pages for glibc malloc.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 JEMALLOC ?= $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")' 2>/dev/null)
+JEMALLOC := $(JEMALLOC)
 ifneq ($(JEMALLOC),)
 ifeq ($(findstring jemalloc,$(LD_PRELOAD)),)
 export LD_PRELOAD := $(strip $(LD_PRELOAD) $(JEMALLOC))

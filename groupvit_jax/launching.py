@@ -27,7 +27,6 @@ from typing import Any, Sequence
 # - glibc's transparent huge pages for malloc's mmaps: still ~500 faults (2 MiB each) and ~30 ms of
 #   kernel time per demo step, but nothing to install (glibc versions without the tunable ignore it).
 CPU_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
-JEMALLOC = "libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
@@ -75,7 +74,7 @@ def cpu_malloc_hint(allocator: str | None = None, jemalloc: str | None = "find")
     return None
   jemalloc = find_jemalloc() if jemalloc == "find" else jemalloc
   if jemalloc:
-    return (f"CPU steps run ~5-20 % faster on jemalloc, which is installed: LD_PRELOAD={jemalloc} "
+    return (f"CPU steps run ~5-30 % faster on jemalloc, which is installed: LD_PRELOAD={jemalloc} "
             f"MALLOC_CONF={JEMALLOC_CONF} (the Makefile and launch/local.py set it; README, Benchmarks)")
   if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
     return (f"GLIBC_TUNABLES is not set to {CPU_MALLOC_TUNABLES}: CPU steps spend up to a third of their "
