@@ -52,7 +52,8 @@ FLAGS = flags.FLAGS
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0}
 
 
-def _prompt_length(config):
+def prompt_length(config):
+  """The prompts' length ours encodes them at (None: the context length, with the caption)."""
   n = FLAGS.prompt_length if FLAGS.prompt_length is not None else config.input.get("prompt_length")
   return n or None
 
@@ -73,14 +74,16 @@ def _batch(config, b, k, rng):
 
 def _our_inputs(config, text):
   """{"text"} in one array, or {"text", "prompts"} with the prompts at their own length."""
-  n = _prompt_length(config)
+  n = prompt_length(config)
   if n and text.shape[1] > 1:
     return {"text": jnp.asarray(text[:, 0]), "prompts": jnp.asarray(text[:, 1:, :n])}
   return {"text": jnp.asarray(text)}
 
 
-def ours(config, b, dtype, rng):
-  config = config_lib.load_config(FLAGS.config)
+def compile_ours(config, b, dtype, rng):
+  """Our train step for `config` at batch `b` in `dtype` on one device, compiled and run once:
+  (compiled step, run(n) -> seconds for n more steps, compile seconds)."""
+  config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   config.input.batch_size = b
   config.mesh = {"data": 1, "fsdp": 1, "model": 1}
@@ -95,9 +98,6 @@ def ours(config, b, dtype, rng):
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
 
@@ -109,6 +109,15 @@ def ours(config, b, dtype, rng):
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 
+  return compiled, run, compile_s
+
+
+def ours(config, b, dtype, rng):
+  """compile_ours, then (run, XLA's FLOP count of the step, compile seconds)."""
+  compiled, run, compile_s = compile_ours(config, b, dtype, rng)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   return run, xla_flops, compile_s
 
 
@@ -302,9 +311,9 @@ def main(argv):
   device = jax.devices()[0]
   peak = FLAGS.peak_tflops or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
   config = config_lib.load_config(FLAGS.config)
-  prompt_length = _prompt_length(config)
+  prompts_at = prompt_length(config)
   print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
-        f"(ours at {prompt_length or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
+        f"(ours at {prompts_at or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"peak {'%.0f TFLOP/s' % peak if peak else 'unknown (pass --peak_tflops for MFU)'}")
   allocator = launching.malloc_in_use()
   setting = "MALLOC_CONF" if allocator == "jemalloc" else "GLIBC_TUNABLES"
@@ -318,7 +327,7 @@ def main(argv):
       their_run = theirs(config, b, dtype, rng) if FLAGS.torch else None
       our_run, xla_flops, compile_s = ours(config, b, dtype, rng)
       ips, tps, ratio = _alternate(our_run, their_run, b)
-      per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompt_length)
+      per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompts_at)
       achieved = per_image * ips / 1e12
       mfu = f"{achieved / peak:6.1%}" if peak else f"{'n/a':>6}"
       print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {per_image / 1e9:>10.2f} "

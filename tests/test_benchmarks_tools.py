@@ -65,3 +65,63 @@ def test_train_step_and_its_benchmark_import_without_tensorflow():
   res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                        check=False)
   assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_op_profile_reads_each_products_flops_and_dtypes_from_the_compiled_hlo():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import profiling  # pylint: disable=g-import-not-at-top
+
+  def f(x, w, q, k):
+    y = jnp.tanh(jax.lax.dot(x, w, preferred_element_type=jnp.float32))  # [64, 32] x [32, 16]
+    logits = jnp.einsum("bnd,bsd->bns", q, k)  # 8 x [12, 4] x [4, 10]
+    loop = jax.lax.fori_loop(0, 3, lambda i, a: a * 2.0, y)  # a while loop: a container, not an op
+    return loop.sum() + logits.astype(jnp.float32).sum()
+
+  args = (jnp.ones((64, 32), jnp.bfloat16), jnp.ones((32, 16), jnp.bfloat16), jnp.ones((8, 12, 4)),
+          jnp.ones((8, 10, 4)))
+  ops = profiling.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
+  products = [p for op in ops.values() if not op.fused for p in op.products]
+  assert sorted(p.flops for p in products) == [2 * 8 * 12 * 10 * 4, 2 * 64 * 32 * 16], products
+  assert profiling.program_flops(ops) == 2 * 8 * 12 * 10 * 4 + 2 * 64 * 32 * 16
+  batched = [p for p in products if p.batched]
+  assert len(batched) == 1 and batched[0].lhs == (8, 12, 4) and batched[0].dtypes == "f32 x f32 -> f32", batched
+  # The operands as compiled: XLA:CPU runs this bf16 product natively (see layers.matmul).
+  assert [p.dtypes for p in products if not p.batched] == ["bf16 x bf16 -> f32"], products
+  assert "while" in {op.opcode for op in ops.values()}
+
+
+def test_op_profile_traces_the_step_and_its_products_match_the_analytic_count():
+  """The tool runs end to end; the products it finds in the HLO and in the trace add up to the model's
+  analytic FLOP count (models/flops.py), which checks both."""
+  cmd = [sys.executable, "-m", "benchmarks.op_profile", "--config=configs/tiny.py", "--batch_size=2",
+         "--dtype=float32", "--steps=2", "--top=5"]
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  line = next(l for l in res.stdout.splitlines() if "all products:" in l)
+  traced, program, analytic = (float(w) for w in line.replace(",", " ").split() if w[0].isdigit())
+  assert abs(traced / analytic - 1) < 0.03 and abs(program / analytic - 1) < 0.03, line
+  rows = [l.split() for l in res.stdout.splitlines() if l.strip().startswith(("YNNPACK", "XLA"))]
+  assert rows and all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows), res.stdout
+
+
+def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
+  """XLA:CPU runs its own (Eigen) products asynchronously; their trace event is only the launch."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import profiling  # pylint: disable=g-import-not-at-top
+
+  x, g = jnp.ones((1024, 512)), jnp.ones((1024, 256))
+  compiled = jax.jit(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))).lower(x, g).compile()
+  ops = profiling.parse_hlo(compiled.as_text())
+  jax.block_until_ready(compiled(x, g))
+  with jax.profiler.trace(str(tmp_path)):
+    start = time.perf_counter()
+    for _ in range(5):
+      jax.block_until_ready(compiled(x, g))
+    wall = (time.perf_counter() - start) / 5
+  trace = profiling.read_trace(str(tmp_path), ops)
+  products = [name for name in trace.ns if ops[name].products]
+  assert len(products) == 1 and trace.count[products[0]] == 5, trace.count
+  assert 0.5 * wall < trace.ns[products[0]] / 5 / 1e9 <= wall, (trace.ns, wall)
