@@ -16,6 +16,7 @@ against YNNPACK's 119, yet handing them to YNNPACK (padded, as in bf16) made the
 """
 
 import collections
+import contextlib
 import tempfile
 import time
 from typing import Optional
@@ -31,6 +32,8 @@ from groupvit_jax.models import flops
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("top", 15, "Rows of the op-kind and single-op tables.")
+flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard's profile plugin reads it); "
+                    "default: a temporary folder, removed afterwards.")
 FLAGS = flags.FLAGS
 
 
@@ -39,11 +42,12 @@ def profile(config, batch_size: int, dtype: str, steps: int, trace_dir: Optional
   compiled, run, _ = train_step.compile_ours(config, batch_size, dtype, np.random.RandomState(0))
   run(2)
   times = [run(1) for _ in range(steps)]
-  directory = trace_dir or tempfile.mkdtemp(prefix="op_profile_")
-  with jax.profiler.trace(directory):
-    run(steps)
   ops = profiling.parse_hlo(compiled.as_text())
-  return ops, profiling.read_trace(directory, ops), times
+  with contextlib.ExitStack() as stack:
+    directory = trace_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="op_profile_"))
+    with jax.profiler.trace(directory):
+      run(steps)
+    return ops, profiling.read_trace(directory, ops), times
 
 
 def main(argv):
@@ -55,7 +59,7 @@ def main(argv):
   config = config_lib.load_config(FLAGS.config)
   steps = FLAGS.steps
   start = time.perf_counter()
-  ops, trace, times = profile(config, FLAGS.batch_size, FLAGS.dtype, steps)
+  ops, trace, times = profile(config, FLAGS.batch_size, FLAGS.dtype, steps, FLAGS.trace_dir)
   print(f"device: {device.device_kind}, config {FLAGS.config}, batch {FLAGS.batch_size}, {FLAGS.dtype}, "
         f"malloc {launching.malloc_in_use()} ({time.perf_counter() - start:.0f} s to compile and trace)")
   op_ms = sum(trace.ns.values()) / steps / 1e6
