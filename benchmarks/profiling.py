@@ -4,6 +4,7 @@ HLO text, each op's time from a `jax.profiler.trace` (read with `jax.profiler.Pr
 Used by benchmarks/op_profile.py; kept free of flags so tests can import it.
 """
 
+import bisect
 import collections
 import dataclasses
 import glob
@@ -116,7 +117,8 @@ def read_trace(directory: str, ops: Dict[str, Op]) -> Trace:
   An op's time is its event's duration, except for XLA's own products (`dot` instructions), which
   XLA:CPU runs asynchronously on Eigen's thread pool: their event covers only the launch (~0.5 ms of a
   15 ms product alone), so they run from the event's start to their "end: <op>" marker, which comes
-  when the product is done (and includes any wait for a free thread). Other ops' markers are left
+  when the product is done (and includes any wait for a free thread; a marker recorded late, as under
+load, is cut at the op's next start). Other ops' markers are left
   alone: a loop fusion's marker can wait for a part queued behind another op.
   """
   files = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
@@ -136,12 +138,13 @@ def read_trace(directory: str, ops: Dict[str, Op]) -> Trace:
           starts[e.name].append((e.start_ns, e.start_ns + e.duration_ns))
   ns, count, edges = collections.Counter(), collections.Counter(), []
   for name, spans in starts.items():
-    marks, i = sorted(ends.get(name, [])), 0
-    for begin, finish in sorted(spans):  # an op's runs do not overlap: its n-th marker after its n-th start
-      while i < len(marks) and marks[i] < begin:
-        i += 1
+    marks, spans = sorted(ends.get(name, [])), sorted(spans)
+    for n, (begin, finish) in enumerate(spans):
+      # A run is done by its first marker after its start, and by the next run's start at the latest
+      # (an op's runs follow one another): under load a marker can be recorded milliseconds late.
+      i = bisect.bisect_left(marks, begin)
       if i < len(marks):
-        finish, i = max(finish, marks[i]), i + 1
+        finish = max(finish, min(marks[i], spans[n + 1][0] if n + 1 < len(spans) else marks[i]))
       ns[name] += finish - begin
       count[name] += 1
       edges += [(begin, 1), (finish, -1)]

@@ -112,7 +112,7 @@ def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from benchmarks import profiling  # pylint: disable=g-import-not-at-top
 
-  x, g = jnp.ones((1024, 512)), jnp.ones((1024, 256))
+  x, g = jnp.ones((2048, 2048)), jnp.ones((2048, 1024))  # ~40 ms: a marker recorded late under load is small
   compiled = jax.jit(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))).lower(x, g).compile()
   ops = profiling.parse_hlo(compiled.as_text())
   jax.block_until_ready(compiled(x, g))
@@ -124,4 +124,5 @@ def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
   trace = profiling.read_trace(str(tmp_path), ops)
   products = [name for name in trace.ns if ops[name].products]
   assert len(products) == 1 and trace.count[products[0]] == 5, trace.count
-  assert 0.5 * wall < trace.ns[products[0]] / 5 / 1e9 <= wall, (trace.ns, wall)
+  # Launch-only timing would read a few percent of the wall time; borrowing a later run's marker, ~2x.
+  assert 0.5 * wall < trace.ns[products[0]] / 5 / 1e9 < 1.5 * wall, (trace.ns, wall)
