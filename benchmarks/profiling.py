@@ -118,13 +118,14 @@ def read_trace(directory: str, ops: Dict[str, Op]) -> Trace:
   XLA:CPU runs asynchronously on Eigen's thread pool: their event covers only the launch (~0.5 ms of a
   15 ms product alone), so they run from the event's start to their "end: <op>" marker, which comes
   when the product is done (and includes any wait for a free thread; a marker recorded late, as under
-load, is cut at the op's next start). Other ops' markers are left
-  alone: a loop fusion's marker can wait for a part queued behind another op.
+  load, is cut at the op's next start). Other ops' markers are left alone: a loop fusion's marker can
+  wait for a part queued behind another op.
   """
   files = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
   data = jax.profiler.ProfileData.from_file(max(files))
+  opcode = lambda name: ops[name].opcode if name in ops else ""
   starts, ends = collections.defaultdict(list), collections.defaultdict(list)
   for plane in data.planes:
     for line in plane.lines:
@@ -132,9 +133,9 @@ load, is cut at the op's next start). Other ops' markers are left
         continue
       for e in line.events:
         if e.name.startswith("end: "):
-          if ops.get(e.name[5:], Op("", [])).opcode == "dot":
+          if opcode(e.name[5:]) == "dot":
             ends[e.name[5:]].append(e.start_ns)
-        elif not _NOT_OPS.match(e.name) and ops.get(e.name, Op("", [])).opcode not in _CONTAINERS:
+        elif not _NOT_OPS.match(e.name) and opcode(e.name) not in _CONTAINERS:
           starts[e.name].append((e.start_ns, e.start_ns + e.duration_ns))
   ns, count, edges = collections.Counter(), collections.Counter(), []
   for name, spans in starts.items():
