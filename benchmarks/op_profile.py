@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from benchmarks import profiling, train_step
-from groupvit_jax import config_lib, launching
+from groupvit_jax import launching
 from groupvit_jax.models import flops
 
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -56,7 +56,7 @@ def main(argv):
   if device.platform != "cpu":
     raise SystemExit(f"op_profile: reads XLA:CPU's thread lines of the trace; got a {device.platform} device "
                      "(on GPU/TPU use the TensorBoard profile plugin)")
-  config = config_lib.load_config(FLAGS.config)
+  config = train_step.load_config()
   steps = FLAGS.steps
   start = time.perf_counter()
   ops, trace, times = profile(config, FLAGS.batch_size, FLAGS.dtype, steps, FLAGS.trace_dir)

@@ -46,10 +46,20 @@ flags.DEFINE_bool("towers", False, "Also time each tower's forward and forward +
                   "step's time goes, ours vs PyTorch).")
 flags.DEFINE_integer("prompt_length", None, "Ours: prompts at this length (default: the config's "
                      "input.prompt_length; 0: at the context length, in one array with the caption).")
+flags.DEFINE_integer("image_splits", None, "Ours: the image tower on this many independent parts of the batch "
+                     "(default: the config's model.image_splits; see GroupViT.image_splits).")
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (bf16 where it applies).
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0}
+
+
+def load_config():
+  """--config, with --image_splits applied."""
+  config = config_lib.load_config(FLAGS.config)
+  if FLAGS.image_splits is not None:
+    config.model.image_splits = FLAGS.image_splits
+  return config
 
 
 def prompt_length(config):
@@ -123,7 +133,7 @@ def ours(config, b, dtype, rng):
 
 def ours_forward(config, b, dtype, rng):
   """Eval-mode forward of both towers (image + caption + prompts) and the logits, jitted."""
-  config = config_lib.load_config(FLAGS.config)
+  config = load_config()
   config.model.dtype = dtype
   model = build_model(config.model)
   variables = random_variables(model, config.model, jax.random.key(0))
@@ -227,7 +237,7 @@ def tower_runs(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(FLAGS.config)
+  config = load_config()
   config.model.dtype = dtype
   model = build_model(config.model)
   variables = random_variables(model, config.model, jax.random.key(0))
@@ -310,7 +320,7 @@ def main(argv):
   del argv
   device = jax.devices()[0]
   peak = FLAGS.peak_tflops or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
-  config = config_lib.load_config(FLAGS.config)
+  config = load_config()
   prompts_at = prompt_length(config)
   print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
         f"(ours at {prompts_at or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "

@@ -36,6 +36,7 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
       contrast_temperature=0.07,  # both logit scales start at log(1 / 0.07)
       dtype="float32",  # compute dtype ("bfloat16" for mixed precision); params stay float32
       remat=False,  # rematerialise transformer blocks to save activation memory
+      image_splits=1,  # one CPU device: the image tower on this many independent parts of the batch
   ))
 
 

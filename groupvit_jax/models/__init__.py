@@ -1,5 +1,6 @@
 """GroupViT models in Flax linen; `build_model(config.model)` is the entry point."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -23,7 +24,9 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       projection_layers=config.projection_layers,
       contrast_temperature=config.contrast_temperature,
       dtype=_DTYPES[config.dtype],
-      remat=config.remat)
+      remat=config.remat,
+      # Splitting a batch that is sharded over several devices would only move it between them.
+      image_splits=config.get("image_splits", 1) if jax.device_count() == 1 else 1)
 
 
 __all__ = ["GroupViT", "build_model", "count_params", "init_variables", "random_variables"]

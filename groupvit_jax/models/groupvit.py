@@ -59,6 +59,11 @@ class GroupViT(nn.Module):
   contrast_temperature: float = 0.07
   dtype: Dtype = jnp.float32
   remat: bool = False
+  # The image tower runs on this many equal parts of the batch, as independent computations (a batch
+  # it does not divide runs whole). For one CPU device: XLA:CPU runs each batched matrix product (the
+  # attention's) on one thread, and independent parts let its threads share them. Same outputs and
+  # gradients; in training each part draws its own gumbel noise.
+  image_splits: int = 1
 
   def setup(self):
     self.img_encoder = GroupViTImageEncoder(**self.image, remat=self.remat, dtype=self.dtype)
@@ -80,7 +85,12 @@ class GroupViT(nn.Module):
       `assignments` (per grouping stage `{"hard", "soft"}` `[batch, groups_out, tokens_in]`) and,
       with `return_groups`, `group_embeds` `[batch, groups, proj]` (each final group projected).
     """
-    out = self.img_encoder(images, train=train)
+    n = self.image_splits
+    if n > 1 and images.shape[0] % n == 0:
+      parts = [self.img_encoder(part, train=train) for part in jnp.split(images, n)]
+      out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    else:
+      out = self.img_encoder(images, train=train)
     result = {"image_embeds": self.img_projector(out["pooled"], train=train),
               "tokens": out["tokens"], "assignments": out["assignments"]}
     if return_groups:

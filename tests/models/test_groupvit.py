@@ -271,6 +271,44 @@ def test_remat_gives_identical_outputs_and_gradients():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g, g_remat)
 
 
+def test_image_splits_give_the_same_outputs_and_gradients():
+  # Soft assignment: no gumbel noise, which each part draws on its own.
+  config = _tiny()
+  config.model.image.hard_assignment = False
+  config.model.image_splits = 2
+  assert build_model(config.model).image_splits == (2 if jax.device_count() == 1 else 1)
+  model, variables = _init(config)
+  model, split = model.clone(image_splits=1), model.clone(image_splits=2)
+  images, text = _batch(config)
+
+  def train_step(m):
+    def loss(params):
+      out, updates = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, text,
+                             train=True, mutable=["batch_stats"])
+      return jnp.sum(out["image_embeds"] ** 2), (out["image_embeds"], updates)
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+  (g, (embeds, stats)), (g_split, (embeds_split, stats_split)) = train_step(model), train_step(split)
+  # Products over half the batch may round differently, and at random init the projector's BatchNorm
+  # magnifies that (the pooled features nearly agree): equal up to float32 reassociation, so tolerances
+  # relative to the largest value.
+  close = lambda a, b, tol: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+  print("\nimage_splits=2 vs 1: embeds %.1e, gradients %.1e (max abs difference over max abs value)" % (
+      np.abs(embeds_split - embeds).max() / np.abs(embeds).max(),
+      max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(g_split), jax.tree_util.tree_leaves(g)))
+      / max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))))
+  close(embeds_split, embeds, 1e-4)
+  # The projector's BatchNorm still sees the whole batch.
+  jax.tree_util.tree_map(lambda a, b: close(b, a, 1e-4), stats, stats_split)
+  scale = max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale), g, g_split)
+  encode = lambda m, x: m.apply(variables, x, method=m.encode_image)
+  whole, parts = encode(model, images), encode(split, images)
+  for stage, maps in enumerate(whole["assignments"]):
+    np.testing.assert_allclose(parts["assignments"][stage]["soft"], maps["soft"], atol=1e-6)
+  assert encode(split, images[:3])["image_embeds"].shape[0] == 3  # a batch it does not divide runs whole
+
+
 def test_short_text_gives_the_same_feature_as_full_context():
   config = _tiny()
   model, variables = _init(config)
