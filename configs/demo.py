@@ -38,9 +38,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.image.update(image_size=arg.size, patch_size=arg.patch, dim=arg.dim, drop_path_rate=0.0,
                      hard_assignment=bool(arg.hard), **grouping)
   model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
-  # Two independent halves of the batch through the image tower let XLA:CPU's threads share its
-  # single-threaded attention products (step 0.93x; README, Benchmarks).
-  model.update(projection_dim=64, projection_hidden_dim=256, image_splits=2)
+  model.update(projection_dim=64, projection_hidden_dim=256)
   config.model = model
   crop = f"random_resized_crop({arg.size}, scale=({arg.crop}, 1.0))|" if arg.crop < 1 else ""
   config.input.update(
