@@ -116,11 +116,12 @@ def _bf16_step_metrics(mesh_config, devices):
   model = build_model(config.model)
   tx, schedule = optim.make_optimizer(config, 100, 10, b)
   mesh = sharding.make_mesh(mesh_config, devices)
+  batch_sharding = sharding.batch_sharding(mesh, 1)  # as the trainer's, for arrays of any rank
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     state, shardings = init_sharded_state(model, tx, config, mesh, jax.random.key(0))
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    batch = jax.device_put(batch, batch_sharding)
     step = jax.jit(make_train_step(model, tx, schedule, config, jax.random.key(1)),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh, 1)), out_shardings=(shardings, None))
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     compiled = step.lower(state, batch).compile(compiler_options={"xla_allow_excess_precision": False})
     return {k: float(v) for k, v in compiled(state, batch)[1].items()}
 

@@ -293,14 +293,14 @@ def test_image_splits_give_the_same_outputs_and_gradients():
   # magnifies that (the pooled features nearly agree): equal up to float32 reassociation, so tolerances
   # relative to the largest value.
   close = lambda a, b, tol: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+  leaves = jax.tree_util.tree_leaves
+  scale = max(float(np.abs(x).max()) for x in leaves(g))
   print("\nimage_splits=2 vs 1: embeds %.1e, gradients %.1e (max abs difference over max abs value)" % (
       np.abs(embeds_split - embeds).max() / np.abs(embeds).max(),
-      max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(g_split), jax.tree_util.tree_leaves(g)))
-      / max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))))
+      max(float(np.abs(a - b).max()) for a, b in zip(leaves(g_split), leaves(g))) / scale))
   close(embeds_split, embeds, 1e-4)
   # The projector's BatchNorm still sees the whole batch.
   jax.tree_util.tree_map(lambda a, b: close(b, a, 1e-4), stats, stats_split)
-  scale = max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale), g, g_split)
   encode = lambda m, x: m.apply(variables, x, method=m.encode_image)
   whole, parts = encode(model, images), encode(split, images)
