@@ -30,7 +30,7 @@ def straight_through_one_hot(soft: jax.Array, axis: int) -> jax.Array:
 
 
 def assignment_probs(logits: jax.Array, *, hard: bool, gumbel_key: Optional[jax.Array],
-                     tau: float = 1.0) -> jax.Array:
+                     tau: float = 1.0, batch_part: tuple[int, int] = (0, 1)) -> jax.Array:
   """Softmax over the group axis, optionally with gumbel noise and straight-through hardening.
 
   Args:
@@ -38,11 +38,16 @@ def assignment_probs(logits: jax.Array, *, hard: bool, gumbel_key: Optional[jax.
     hard: one-hot forward / soft backward (straight-through) when True.
     gumbel_key: adds Gumbel(0, 1) noise (training) when given.
     tau: gumbel temperature.
+    batch_part: `(i, n)`: `logits` are part i of a batch split into n equal parts; the noise is that
+      part of the whole batch's (same key), so a split batch draws the noise the whole one would.
   Returns:
     [batch, groups, tokens] assignment.
   """
   if gumbel_key is not None:
-    logits = (logits + jax.random.gumbel(gumbel_key, logits.shape, logits.dtype)) / tau
+    index, count = batch_part
+    b = logits.shape[0]
+    noise = jax.random.gumbel(gumbel_key, (count * b,) + logits.shape[1:], logits.dtype)
+    logits = (logits + noise[index * b:(index + 1) * b]) / tau
   soft = jax.nn.softmax(logits, axis=GROUP_AXIS)
   return straight_through_one_hot(soft, GROUP_AXIS) if hard else soft
 
@@ -56,20 +61,26 @@ class AssignAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, groups: jax.Array, tokens: jax.Array, train: bool
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, groups: jax.Array, tokens: jax.Array, train: bool,
+               gumbel_key: Optional[jax.Array] = None, batch_part: tuple[int, int] = (0, 1)
+               ) -> tuple[jax.Array, dict[str, jax.Array], Optional[jax.Array]]:
+    """Returns the new group tokens, the maps `{"hard", "soft"}` and the gumbel key it used (None
+    without noise); `gumbel_key` overrides the module's own draw (the later parts of a split batch)."""
     c = groups.shape[-1]
     proj = lambda name: dense(c, ("embed", "heads"), name=name, dtype=self.dtype)
     q, k, v = proj("q_proj")(groups), proj("k_proj")(tokens), proj("v_proj")(tokens)
     # [batch, groups, tokens]; kept in float32 (argmax ties and the softmax are precision sensitive).
     logits = jnp.einsum("bsc,blc->bsl", q, k).astype(jnp.float32) * c**-0.5
-    key = self.make_rng("gumbel") if (train and self.gumbel) else None
-    assign = assignment_probs(logits, hard=self.hard, gumbel_key=key, tau=self.gumbel_tau)
+    key = None
+    if train and self.gumbel:
+      key = self.make_rng("gumbel") if gumbel_key is None else gumbel_key
+    assign = assignment_probs(logits, hard=self.hard, gumbel_key=key, tau=self.gumbel_tau,
+                              batch_part=batch_part)
     maps = {"hard": assign, "soft": jax.nn.softmax(logits, axis=GROUP_AXIS)}
     # Each group averages its tokens; "+ eps" keeps groups that won no token finite.
     weights = assign / (jnp.sum(assign, axis=-1, keepdims=True) + self.assign_eps)
     out = jnp.einsum("bsl,blc->bsc", weights.astype(v.dtype), v)
-    return dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out), maps
+    return dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out), maps, key
 
 
 class CrossAttnBlock(nn.Module):
@@ -90,8 +101,8 @@ class CrossAttnBlock(nn.Module):
 class GroupingBlock(nn.Module):
   """Merges image tokens into `num_output_groups` segment tokens.
 
-  Returns the new tokens `[batch, num_output_groups, dim]` and the assignment maps
-  `{"hard", "soft"}`, each `[batch, num_output_groups, tokens]`.
+  Returns the new tokens `[batch, num_output_groups, dim]`, the assignment maps `{"hard", "soft"}`,
+  each `[batch, num_output_groups, tokens]`, and the gumbel key (`AssignAttention`).
   """
   num_heads: int
   num_output_groups: int
@@ -103,8 +114,9 @@ class GroupingBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, group_tokens: jax.Array, train: bool
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, group_tokens: jax.Array, train: bool,
+               gumbel_key: Optional[jax.Array] = None, batch_part: tuple[int, int] = (0, 1)
+               ) -> tuple[jax.Array, dict[str, jax.Array], Optional[jax.Array]]:
     dim = x.shape[-1]
     tokens_hidden, channels_hidden = (int(r * dim) for r in self.mlp_ratio)
     group_tokens = layer_norm("norm_tokens", self.dtype)(group_tokens)
@@ -113,13 +125,14 @@ class GroupingBlock(nn.Module):
                     axes=("groups", "group_mlp", "groups"), name="mlp_inter")(group_tokens)
     projected = layer_norm("norm_post_tokens", self.dtype)(projected)
     projected = CrossAttnBlock(self.num_heads, dtype=self.dtype, name="pre_assign_attn")(projected, x)
-    new_x, maps = AssignAttention(self.hard, self.gumbel, self.gumbel_tau, self.assign_eps,
-                                  dtype=self.dtype, name="assign")(projected, x, train)
+    new_x, maps, key = AssignAttention(self.hard, self.gumbel, self.gumbel_tau, self.assign_eps,
+                                       dtype=self.dtype, name="assign")(projected, x, train, gumbel_key,
+                                                                        batch_part)
     new_x = new_x + projected
     # The reference's `reduction` is the identity when stage widths match (always, for GroupViT).
     new_x = new_x + Mlp(channels_hidden, dim, dtype=self.dtype, name="mlp_channels")(
         layer_norm("norm_new_x", self.dtype)(new_x))
-    return new_x, maps
+    return new_x, maps, key
 
 
 class GroupingStage(nn.Module):
@@ -143,8 +156,12 @@ class GroupingStage(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, prev_group_tokens: Optional[jax.Array], train: bool
-               ) -> tuple[jax.Array, Optional[jax.Array], Optional[dict[str, jax.Array]]]:
+  def __call__(self, x: jax.Array, prev_group_tokens: Optional[jax.Array], train: bool,
+               gumbel_key: Optional[jax.Array] = None, batch_part: tuple[int, int] = (0, 1)
+               ) -> tuple[jax.Array, Optional[jax.Array], Optional[dict[str, jax.Array]],
+                          Optional[jax.Array]]:
+    """Returns (image tokens, group tokens, assignment maps, gumbel key); the last three None in a
+    stage without group tokens."""
     b, n, dim = x.shape
     has_projector = self.num_prev_group_tokens > 0 and self.num_group_tokens > 0
     group_tokens = None
@@ -167,12 +184,13 @@ class GroupingStage(nn.Module):
           x, not train)
 
     if not self.num_group_tokens:
-      return x, None, None
+      return x, None, None, None
     x, group_tokens = x[:, :n], x[:, n:]
-    x, maps = GroupingBlock(self.num_heads, self.num_output_groups, hard=self.hard, gumbel=self.gumbel,
-                            gumbel_tau=self.gumbel_tau, assign_eps=self.assign_eps, dtype=self.dtype,
-                            name="downsample")(x, group_tokens, train)
-    return x, group_tokens, maps
+    x, maps, key = GroupingBlock(self.num_heads, self.num_output_groups, hard=self.hard,
+                                 gumbel=self.gumbel, gumbel_tau=self.gumbel_tau,
+                                 assign_eps=self.assign_eps, dtype=self.dtype,
+                                 name="downsample")(x, group_tokens, train, gumbel_key, batch_part)
+    return x, group_tokens, maps, key
 
 
 class GroupViTImageEncoder(nn.Module):
@@ -180,7 +198,10 @@ class GroupViTImageEncoder(nn.Module):
 
   Returns a dict with `tokens` `[batch, final_groups, dim]`, `pooled` `[batch, dim]` (their mean)
   and `assignments`, one `{"hard", "soft"}` dict of `[batch, groups_out, tokens_in]` maps per
-  grouping stage.
+  grouping stage. Called on part i of a batch split into n (`batch_part=(i, n)`, n > 1), it also
+  returns `gumbel_keys`, the keys its grouping stages drew (None without noise); passed back as
+  `gumbel_keys` to the other parts' calls, every part adds its share of the noise the whole batch
+  would have drawn. (Drop-path masks are drawn per call.)
   """
   image_size: int = 224
   patch_size: int = 16
@@ -198,7 +219,8 @@ class GroupViTImageEncoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, train: bool = False, *, batch_part: tuple[int, int] = (0, 1),
+               gumbel_keys: Optional[Sequence[Optional[jax.Array]]] = None) -> dict[str, Any]:
     x, grid = PatchEmbed(self.patch_size, self.dim, dtype=self.dtype, name="patch_embed")(images)
     grid_size = self.image_size // self.patch_size
     pos = param_with_axes(self, "pos_embed", normal(0.02), (1, grid_size * grid_size, self.dim),
@@ -209,11 +231,11 @@ class GroupViTImageEncoder(nn.Module):
 
     total = sum(self.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-    group_tokens, assignments = None, []
+    group_tokens, assignments, keys = None, [], []
     for i, depth in enumerate(self.depths):
       start = sum(self.depths[:i])
       last = i == len(self.depths) - 1
-      x, group_tokens, maps = GroupingStage(
+      x, group_tokens, maps, key = GroupingStage(
           depth=depth,
           num_heads=self.num_heads[i],
           num_group_tokens=self.num_group_tokens[i],
@@ -227,8 +249,13 @@ class GroupViTImageEncoder(nn.Module):
           assign_eps=self.assign_eps,
           remat=self.remat,
           dtype=self.dtype,
-          name=f"layers_{i}")(x, group_tokens, train)
+          name=f"layers_{i}")(x, group_tokens, train, gumbel_keys[i] if gumbel_keys else None,
+                              batch_part)
       if maps is not None:
         assignments.append(maps)
+      keys.append(key)
     x = layer_norm("norm", self.dtype)(x)
-    return {"tokens": x, "pooled": jnp.mean(x, axis=1), "assignments": assignments}
+    out = {"tokens": x, "pooled": jnp.mean(x, axis=1), "assignments": assignments}
+    if batch_part[1] > 1:
+      out["gumbel_keys"] = keys
+    return out

@@ -62,7 +62,8 @@ class GroupViT(nn.Module):
   # The image tower runs on this many equal parts of the batch, as independent computations (a batch
   # it does not divide runs whole). For one CPU device: XLA:CPU runs each batched matrix product (the
   # attention's) on one thread, and independent parts let its threads share them. Same outputs and
-  # gradients; in training each part draws its own gumbel noise.
+  # gradients up to float32 rounding, the same gumbel noise (each part adds its share of the whole
+  # batch's); only drop-path masks are drawn per part.
   image_splits: int = 1
 
   def setup(self):
@@ -87,7 +88,10 @@ class GroupViT(nn.Module):
     """
     n = self.image_splits
     if n > 1 and images.shape[0] % n == 0:
-      parts = [self.img_encoder(part, train=train) for part in jnp.split(images, n)]
+      parts, keys = [], None
+      for i, part in enumerate(jnp.split(images, n)):
+        parts.append(self.img_encoder(part, train=train, batch_part=(i, n), gumbel_keys=keys))
+        keys = parts[-1].pop("gumbel_keys")
       out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
     else:
       out = self.img_encoder(images, train=train)

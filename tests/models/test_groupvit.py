@@ -271,20 +271,21 @@ def test_remat_gives_identical_outputs_and_gradients():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g, g_remat)
 
 
-def test_image_splits_give_the_same_outputs_and_gradients():
-  # Soft assignment: no gumbel noise, which each part draws on its own.
+def test_image_splits_give_the_same_outputs_noise_and_gradients():
+  # The tiny config's hard gumbel assignment: each part must add its share of the whole batch's noise.
   config = _tiny()
-  config.model.image.hard_assignment = False
+  assert config.model.image.hard_assignment
   config.model.image_splits = 2
   assert build_model(config.model).image_splits == (2 if jax.device_count() == 1 else 1)
   model, variables = _init(config)
   model, split = model.clone(image_splits=1), model.clone(image_splits=2)
   images, text = _batch(config)
+  rngs = {"gumbel": jax.random.key(3)}
 
   def train_step(m):
     def loss(params):
       out, updates = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, text,
-                             train=True, mutable=["batch_stats"])
+                             train=True, mutable=["batch_stats"], rngs=rngs)
       return jnp.sum(out["image_embeds"] ** 2), (out["image_embeds"], updates)
     return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
@@ -302,10 +303,15 @@ def test_image_splits_give_the_same_outputs_and_gradients():
   # The projector's BatchNorm still sees the whole batch.
   jax.tree_util.tree_map(lambda a, b: close(b, a, 1e-4), stats, stats_split)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale), g, g_split)
-  encode = lambda m, x: m.apply(variables, x, method=m.encode_image)
-  whole, parts = encode(model, images), encode(split, images)
+
+  encode = lambda m, x, **kw: m.apply(variables, x, method=m.encode_image, mutable=["batch_stats"], **kw)[0]
+  whole, parts = encode(model, images, train=True, rngs=rngs), encode(split, images, train=True, rngs=rngs)
+  clean = encode(model, images, train=True, rngs={"gumbel": jax.random.key(4)})
   for stage, maps in enumerate(whole["assignments"]):
+    np.testing.assert_array_equal(parts["assignments"][stage]["hard"], maps["hard"])
     np.testing.assert_allclose(parts["assignments"][stage]["soft"], maps["soft"], atol=1e-6)
+  # Another key assigns differently, so the equality above is the noise's, not its absence's.
+  assert not np.array_equal(clean["assignments"][0]["hard"], whole["assignments"][0]["hard"])
   assert encode(split, images[:3])["image_embeds"].shape[0] == 3  # a batch it does not divide runs whole
 
 
