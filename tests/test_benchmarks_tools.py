@@ -1,6 +1,7 @@
 """The diagnostic tools under benchmarks/ compute what they say (their printed figures are measurements)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -41,9 +42,15 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower():
   steps = [r for r in rows if len(r) == 10]
   towers = [r for r in rows if len(r) == 7]
   assert [r[1] for r in steps] == ["bfloat16"], res.stdout
-  for r in steps:  # ours img/s, torch img/s, ratio = ours / torch
+  # On CPU the MFU is against a product rate measured in the same process, printed in the header.
+  peak = re.search(r"bfloat16 (\d+) GFLOP/s", res.stdout)
+  assert peak and float(peak.group(1)) > 0, res.stdout
+  peak_tflops = float(peak.group(1)) / 1e3
+  for r in steps:  # ours img/s, torch img/s, ratio = ours / torch; TFLOP/s (to 0.001) and MFU (to 0.1 %)
     ours, theirs, ratio = map(float, r[2:5])
     assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.01, r
+    tflops, mfu = float(r[7]), float(r[8].rstrip("%"))
+    assert tflops > 0 and abs(mfu - 100 * tflops / peak_tflops) <= 0.05 / peak_tflops + 0.06 + 0.01 * mfu, r
   assert {(r[1], r[2], r[3]) for r in towers} == {
       ("bfloat16", t, p) for t in ("image", "text") for p in ("forward", "fwd+bwd")}
   for r in towers:  # ours ms, torch ms (printed to 0.01), ratio = torch ms / ours ms (to 0.01)
