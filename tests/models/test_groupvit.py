@@ -304,15 +304,18 @@ def test_image_splits_give_the_same_outputs_noise_and_gradients():
   jax.tree_util.tree_map(lambda a, b: close(b, a, 1e-4), stats, stats_split)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale), g, g_split)
 
-  encode = lambda m, x, **kw: m.apply(variables, x, method=m.encode_image, mutable=["batch_stats"], **kw)[0]
-  whole, parts = encode(model, images, train=True, rngs=rngs), encode(split, images, train=True, rngs=rngs)
-  clean = encode(model, images, train=True, rngs={"gumbel": jax.random.key(4)})
+  def encoder(m):
+    return jax.jit(lambda key: m.apply(variables, images, train=True, rngs={"gumbel": key},
+                                       method=m.encode_image, mutable=["batch_stats"])[0])
+  encode, encode_split = encoder(model), encoder(split)
+  whole, parts, clean = encode(rngs["gumbel"]), encode_split(rngs["gumbel"]), encode(jax.random.key(4))
   for stage, maps in enumerate(whole["assignments"]):
     np.testing.assert_array_equal(parts["assignments"][stage]["hard"], maps["hard"])
     np.testing.assert_allclose(parts["assignments"][stage]["soft"], maps["soft"], atol=1e-6)
   # Another key assigns differently, so the equality above is the noise's, not its absence's.
   assert not np.array_equal(clean["assignments"][0]["hard"], whole["assignments"][0]["hard"])
-  assert encode(split, images[:3])["image_embeds"].shape[0] == 3  # a batch it does not divide runs whole
+  # A batch it does not divide runs whole.
+  assert split.apply(variables, images[:3], method=split.encode_image)["image_embeds"].shape[0] == 3
 
 
 def test_short_text_gives_the_same_feature_as_full_context():
