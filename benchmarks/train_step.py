@@ -148,7 +148,7 @@ def ours(config, b, dtype, rng):
 
 def ours_forward(config, b, dtype, rng):
   """Eval-mode forward of both towers (image + caption + prompts) and the logits, jitted."""
-  config = load_config()
+  config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   model = build_model(config.model)
   variables = random_variables(model, config.model, jax.random.key(0))
@@ -252,7 +252,7 @@ def tower_runs(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
-  config = load_config()
+  config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   model = build_model(config.model)
   variables = random_variables(model, config.model, jax.random.key(0))
