@@ -194,13 +194,14 @@ def _compiled_dot_operand_dtypes(hlo_text):
   return dtypes
 
 
-@pytest.mark.parametrize("shape", [(32, 48, 64), (1, 48, 64), (32, 1, 64), (32, 48, 1), (3, 5, 7)])
+@pytest.mark.parametrize("shape", [(32, 48, 64), (512, 64, 16), (1, 48, 64), (32, 1, 64), (32, 48, 1), (3, 5, 7)])
 def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
   # Every product of a bf16 Dense, forward and backward, is bf16 x bf16 -> f32 (the form XLA:CPU runs
   # with native bf16 kernels), in the jaxpr and, on CPU, still after XLA's passes (which upcast the
-  # kernel gradient's product to float32 when it contracts dim 0 of x); the kernel's gradient stays
-  # float32. Vector and tiny shapes, which XLA:CPU cannot run in that form, fall back to float32
-  # operands and must still run.
+  # kernel gradient's product to float32 when it contracts dim 0 of x; (512, 64, 16) takes the
+  # transposed-cotangent form, layers._cotangent_side_cheaper); the kernel's gradient stays float32.
+  # Vector and tiny shapes, which XLA:CPU cannot run in that form, fall back to float32 operands and
+  # must still run.
   rows, n_in, n_out = shape
   x = jax.random.normal(jax.random.key(0), (rows, n_in))
   kernel = jax.random.normal(jax.random.key(1), (n_in, n_out))
