@@ -316,7 +316,12 @@ def tower_runs(config, b, dtype, rng):
 
 
 def _alternate(our_run, their_run, b):
-  """Times ours and theirs in alternating rounds; best round each: (ours img/s, theirs img/s, ratio text)."""
+  """Times ours and theirs in alternating rounds: (ours img/s, theirs img/s, ratio text, rounds text).
+
+  The img/s are each side's best round and the ratio is best over best. The rounds text is the lowest
+  and highest ratio of one round of ours against the round of theirs that follows it (seconds apart):
+  a machine whose speed drifts during the run moves those less than it moves the best of each side.
+  """
   t_ours, t_theirs = [], []
   for _ in range(FLAGS.rounds):
     # One untimed step after each switch: the first XLA step after PyTorch has run in the process is
@@ -327,8 +332,11 @@ def _alternate(our_run, their_run, b):
       their_run(1)
       t_theirs.append(their_run(FLAGS.steps))
   ips = b * FLAGS.steps / min(t_ours)
-  tps = b * FLAGS.steps / min(t_theirs) if t_theirs else float("nan")
-  return ips, tps, (f"{ips / tps:6.2f}" if t_theirs else f"{'-':>6}")
+  if not t_theirs:
+    return ips, float("nan"), f"{'-':>6}", f"{'-':>11}"
+  tps = b * FLAGS.steps / min(t_theirs)
+  paired = [theirs / ours for ours, theirs in zip(t_ours, t_theirs)]
+  return ips, tps, f"{ips / tps:6.2f}", f"{min(paired):.2f}-{max(paired):.2f}".rjust(11)
 
 
 def main(argv):
@@ -353,35 +361,36 @@ def main(argv):
   print(f"malloc: {allocator}, {setting}={os.environ.get(setting, '(unset)')} (both frameworks, one process)"
         + (f"; {hint}" if (hint := launching.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
-        f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10}")
+        f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10} {'per round':>11}")
   rng = np.random.RandomState(0)
   for b in map(int, FLAGS.batch_sizes):
     for dtype in FLAGS.dtypes:
       their_run = theirs(config, b, dtype, rng) if FLAGS.torch else None
       our_run, xla_flops, compile_s = ours(config, b, dtype, rng)
-      ips, tps, ratio = _alternate(our_run, their_run, b)
+      ips, tps, ratio, rounds = _alternate(our_run, their_run, b)
       per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompts_at)
       achieved = per_image * ips / 1e12
       mfu = f"{achieved / peaks[dtype]:6.1%}" if dtype in peaks else f"{'n/a':>6}"
       print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {per_image / 1e9:>10.2f} "
-            f"{xla_flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} {compile_s:>10.1f}", flush=True)
+            f"{xla_flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} {compile_s:>10.1f} {rounds}", flush=True)
   if FLAGS.forward:
     print(f"eval-mode forward (both towers, no gradients):\n{'batch':>6} {'dtype':>9} {'ours img/s':>11} "
-          f"{'torch img/s':>12} {'ratio':>6}")
+          f"{'torch img/s':>12} {'ratio':>6} {'per round':>11}")
     for b in map(int, FLAGS.batch_sizes):
       for dtype in FLAGS.dtypes:
         their_run = theirs_forward(config, b, dtype, rng) if FLAGS.torch else None
-        ips, tps, ratio = _alternate(ours_forward(config, b, dtype, rng), their_run, b)
-        print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio}", flush=True)
+        ips, tps, ratio, rounds = _alternate(ours_forward(config, b, dtype, rng), their_run, b)
+        print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {rounds}", flush=True)
   if FLAGS.towers and FLAGS.torch:
     print(f"each tower alone (ms per batch; text = caption + {FLAGS.prompts} prompts per image):\n"
-          f"{'batch':>6} {'dtype':>9} {'tower':>6} {'pass':>8} {'ours ms':>8} {'torch ms':>9} {'ratio':>6}")
+          f"{'batch':>6} {'dtype':>9} {'tower':>6} {'pass':>8} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} "
+          f"{'per round':>11}")
     for b in map(int, FLAGS.batch_sizes):
       for dtype in FLAGS.dtypes:
         for (tower, kind), (our_run, their_run) in tower_runs(config, b, dtype, rng).items():
-          ips, tps, ratio = _alternate(our_run, their_run, b)
-          print(f"{b:>6} {dtype:>9} {tower:>6} {kind:>8} {1e3 * b / ips:>8.2f} {1e3 * b / tps:>9.2f} {ratio}",
-                flush=True)
+          ips, tps, ratio, rounds = _alternate(our_run, their_run, b)
+          print(f"{b:>6} {dtype:>9} {tower:>6} {kind:>8} {1e3 * b / ips:>8.2f} {1e3 * b / tps:>9.2f} {ratio} "
+                f"{rounds}", flush=True)
   print(f"peak host memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

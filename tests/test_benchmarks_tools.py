@@ -39,8 +39,8 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower():
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["2"]]
-  steps = [r for r in rows if len(r) == 10]
-  towers = [r for r in rows if len(r) == 7]
+  steps = [r for r in rows if len(r) == 11]
+  towers = [r for r in rows if len(r) == 8]
   assert [r[1] for r in steps] == ["bfloat16"], res.stdout
   # On CPU the MFU is against a product rate measured in the same process, printed in the header.
   peak = re.search(r"bfloat16 (\d+) GFLOP/s", res.stdout)
@@ -51,12 +51,20 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower():
     assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.01, r
     tflops, mfu = float(r[7]), float(r[8].rstrip("%"))
     assert tflops > 0 and abs(mfu - 100 * tflops / peak_tflops) <= 0.05 / peak_tflops + 0.06 + 0.01 * mfu, r
+    _assert_one_round(r[10], ratio)
   assert {(r[1], r[2], r[3]) for r in towers} == {
       ("bfloat16", t, p) for t in ("image", "text") for p in ("forward", "fwd+bwd")}
   for r in towers:  # ours ms, torch ms (printed to 0.01), ratio = torch ms / ours ms (to 0.01)
     ours, theirs, ratio = map(float, r[4:7])
     assert ours > 0 and theirs > 0, r
     assert (theirs - 0.005) / (ours + 0.005) - 0.005 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.005, r
+    _assert_one_round(r[7], ratio)
+
+
+def _assert_one_round(per_round: str, ratio: float):
+  """With --rounds=1 the per-round range ("lo-hi") is that one round's ratio, which is the row's."""
+  lo, hi = map(float, per_round.split("-"))
+  assert lo == hi and abs(lo - ratio) <= 0.01, (per_round, ratio)
 
 
 def test_train_step_and_its_benchmark_import_without_tensorflow():
