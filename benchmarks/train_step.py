@@ -11,7 +11,11 @@ alternately so machine noise hits both. FLOPs are the analytic count of the mode
 (which also counts elementwise work) is printed next to it. MFU = achieved analytic FLOP/s over
 --peak_tflops (or the table below for known accelerators). Peak host memory is the process's max RSS.
 bfloat16 rows: ours computes in bf16 over fp32 parameters (softmaxes in fp32), PyTorch runs the same
-step under torch.autocast("cpu", torch.bfloat16) (matmuls in bf16, softmax and norms in fp32).
+step under torch.autocast(device, torch.bfloat16) (matmuls in bf16, softmax and norms in fp32).
+On a GPU, PyTorch runs on CUDA too (eager, as the official code) and MFU is against the peak table;
+"step MiB" is XLA's memory analysis of our compiled step (arguments + outputs - donated + temporaries),
+"torch MiB" PyTorch's peak allocated CUDA memory for the row. --profile_dir traces 3 of our steps per
+row (jax.profiler; TensorBoard's profile plugin, or jax.profiler.ProfileData, reads them).
 
 Prompts: with the config's `input.prompt_length` (GroupViT-S: 24) ours encodes the K prompts at that
 length and the caption at the context length (the same embeddings, see GroupViT.__call__); PyTorch
@@ -49,10 +53,13 @@ flags.DEFINE_integer("prompt_length", None, "Ours: prompts at this length (defau
                      "input.prompt_length; 0: at the context length, in one array with the caption).")
 flags.DEFINE_integer("image_splits", None, "Ours: the image tower on this many independent parts of the batch "
                      "(default: the config's model.image_splits; see GroupViT.image_splits).")
+flags.DEFINE_string("profile_dir", None, "Trace 3 of our steps per row into DIR/b<batch>_<dtype>.")
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind (bf16 where it applies).
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0}
+# float32 rows on these GPUs: XLA's default precision runs float32 products as TF32 (dense peak).
+TF32_PEAKS = {"H100": 494.5, "H200": 494.5, "A100": 156.0}
 
 
 def measured_peak_tflops(dtype: str, n: int = 1024, reps: int = 20) -> float:
@@ -138,12 +145,35 @@ def compile_ours(config, b, dtype, rng):
 
 
 def ours(config, b, dtype, rng):
-  """compile_ours, then (run, XLA's FLOP count of the step, compile seconds)."""
+  """compile_ours, then (run, XLA's FLOP count of the step, compile seconds, the step's device bytes)."""
   compiled, run, compile_s = compile_ours(config, b, dtype, rng)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  return run, xla_flops, compile_s
+  return run, xla_flops, compile_s, step_bytes(compiled)
+
+
+def step_bytes(compiled) -> float:
+  """Device memory the compiled step needs by XLA's analysis: arguments + outputs - donated (aliased)
+  buffers + temporaries (nan where the backend gives no analysis)."""
+  try:
+    m = compiled.memory_analysis()
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                 + m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return float("nan")
+
+
+def _torch_device():
+  """Where the PyTorch side runs: CUDA when our device is a GPU and torch sees one, else the CPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _sync(device):
+  if device == "cuda":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.synchronize()
 
 
 def ours_forward(config, b, dtype, rng):
@@ -167,15 +197,15 @@ def ours_forward(config, b, dtype, rng):
   return run
 
 
-def _autocast(dtype):
-  """PyTorch's mixed precision for `dtype`: bf16 autocast on CPU (matmuls in bf16, softmax and norms
-  in fp32, as ours), nothing for float32."""
+def _autocast(dtype, device="cpu"):
+  """PyTorch's mixed precision for `dtype`: bf16 autocast on `device` (matmuls in bf16, softmax and
+  norms in fp32, as ours), nothing for float32."""
   import torch  # pylint: disable=g-import-not-at-top
   if dtype == "float32":
     return contextlib.nullcontext()
   if dtype != "bfloat16":
     raise ValueError(f"--dtypes: PyTorch side supports float32 and bfloat16, got {dtype!r}")
-  return torch.autocast("cpu", dtype=torch.bfloat16)
+  return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def theirs_forward(config, b, dtype, rng):
@@ -183,17 +213,20 @@ def theirs_forward(config, b, dtype, rng):
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
-  model = GroupViTModel(hf_config(config.model)).eval()
+  device = _torch_device()
+  model = GroupViTModel(hf_config(config.model)).eval().to(device)
   images, text = _batch(config, b, FLAGS.prompts, rng)
-  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  ids = torch.from_numpy(text.astype(np.int64)).reshape(b * (1 + FLAGS.prompts), -1)
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  ids = torch.from_numpy(text.astype(np.int64)).reshape(b * (1 + FLAGS.prompts), -1).to(device)
 
   def run(n):
+    _sync(device)
     start = time.perf_counter()
-    with torch.no_grad(), _autocast(dtype):
+    with torch.no_grad(), _autocast(dtype, device):
       for _ in range(n):
         model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
         model.text_projection(model.text_model(input_ids=ids).pooler_output)
+    _sync(device)
     return time.perf_counter() - start
 
   return run
@@ -205,15 +238,16 @@ def theirs(config, b, dtype, rng):
   from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)  # the same cores XLA uses
-  model = GroupViTModel(hf_config(config.model)).train()
+  device = _torch_device()
+  model = GroupViTModel(hf_config(config.model)).train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
   images, text = _batch(config, b, FLAGS.prompts, rng)
-  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  ids = torch.from_numpy(text.astype(np.int64))
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  ids = torch.from_numpy(text.astype(np.int64)).to(device)
   k = FLAGS.prompts
 
   def step():
-    with _autocast(dtype):
+    with _autocast(dtype, device):
       loss = forward_loss()
     opt.zero_grad()
     loss.backward()
@@ -227,21 +261,26 @@ def theirs(config, b, dtype, rng):
     img_n, cap_n, pr_n = F.normalize(img, dim=-1), F.normalize(txt[:, 0], dim=-1), F.normalize(txt[:, 1:], dim=-1)
     scale = model.logit_scale.exp().clamp(max=100)
     logits = scale * img_n @ cap_n.T
-    labels = torch.arange(b)
+    labels = torch.arange(b, device=device)
     loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     ml = scale * img_n @ pr_n.reshape(b * k, -1).T
-    owner = torch.arange(b).repeat_interleave(k)
+    owner = torch.arange(b, device=device).repeat_interleave(k)
     target = (owner[None] == labels[:, None]).float() / k
     return loss + 0.5 * ((-target * F.log_softmax(ml, -1)).sum(-1).mean() + F.cross_entropy(ml.T, owner))
 
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   step()
 
   def run(n):
+    _sync(device)
     start = time.perf_counter()
     for _ in range(n):
       step()
+    _sync(device)
     return time.perf_counter() - start
 
+  run.peak_bytes = lambda: torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
   return run
 
 
@@ -269,13 +308,14 @@ def tower_runs(config, b, dtype, rng):
     return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
   torch.set_num_threads(os.cpu_count() or 1)
-  torch_model = GroupViTModel(hf_config(config.model)).train()
-  torch_inputs = {"image": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                  "text": torch.from_numpy(text.astype(np.int64)).reshape(-1, text.shape[-1])}
+  device = _torch_device()
+  torch_model = GroupViTModel(hf_config(config.model)).train().to(device)
+  torch_inputs = {"image": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device),
+                  "text": torch.from_numpy(text.astype(np.int64)).reshape(-1, text.shape[-1]).to(device)}
 
   def their_loss(tower):
     m = torch_model
-    with _autocast(dtype):
+    with _autocast(dtype, device):
       if tower == "image":
         out = m.visual_projection(m.vision_model(pixel_values=torch_inputs["image"]).pooler_output)
       else:
@@ -300,6 +340,7 @@ def tower_runs(config, b, dtype, rng):
         return time.perf_counter() - start
 
       def their_run(n, tower=tower, kind=kind):
+        _sync(device)
         start = time.perf_counter()
         for _ in range(n):
           torch_model.zero_grad(set_to_none=True)
@@ -308,6 +349,7 @@ def tower_runs(config, b, dtype, rng):
               their_loss(tower)
           else:
             their_loss(tower).backward()
+        _sync(device)
         return time.perf_counter() - start
 
       their_run(1)
@@ -343,8 +385,15 @@ def main(argv):
   del argv
   device = jax.devices()[0]
   peak = FLAGS.peak_tflops or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
+  tf32 = None if FLAGS.peak_tflops else next((v for k, v in TF32_PEAKS.items() if k in device.device_kind), None)
   if peak:
     peaks, peak_note = dict.fromkeys(FLAGS.dtypes, peak), f"peak {peak:.0f} TFLOP/s"
+    if tf32 and "float32" in peaks:
+      peaks["float32"] = tf32
+      peak_note += f" (float32 rows: TF32, {tf32:.0f})"
+    if device.platform == "gpu":
+      peak_note += ("; a jitted 8192^3 bf16 product runs at "
+                    f"{measured_peak_tflops('bfloat16', n=8192, reps=10):.0f} TFLOP/s here")
   elif device.platform == "cpu":
     peaks = {dtype: measured_peak_tflops(dtype) for dtype in FLAGS.dtypes}
     peak_note = "MFU against a 1024^3 product measured here: " + ", ".join(
@@ -356,23 +405,33 @@ def main(argv):
   print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
         f"(ours at {prompts_at or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"{peak_note}")
+  if FLAGS.torch and device.platform == "gpu":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 rows: TF32 products on both sides, as XLA's default
+    print(f"PyTorch {torch.__version__} on {_torch_device()} (eager; float32 rows with TF32 products)")
   allocator = launching.malloc_in_use()
   setting = "MALLOC_CONF" if allocator == "jemalloc" else "GLIBC_TUNABLES"
   print(f"malloc: {allocator}, {setting}={os.environ.get(setting, '(unset)')} (both frameworks, one process)"
         + (f"; {hint}" if (hint := launching.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
-        f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10} {'per round':>11}")
+        f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10} {'per round':>11} {'step MiB':>9} "
+        f"{'torch MiB':>10}")
   rng = np.random.RandomState(0)
   for b in map(int, FLAGS.batch_sizes):
     for dtype in FLAGS.dtypes:
       their_run = theirs(config, b, dtype, rng) if FLAGS.torch else None
-      our_run, xla_flops, compile_s = ours(config, b, dtype, rng)
+      our_run, xla_flops, compile_s, our_bytes = ours(config, b, dtype, rng)
       ips, tps, ratio, rounds = _alternate(our_run, their_run, b)
+      their_bytes = their_run.peak_bytes() if their_run else float("nan")
+      if FLAGS.profile_dir:
+        with jax.profiler.trace(os.path.join(FLAGS.profile_dir, f"b{b}_{dtype}")):
+          our_run(3)
       per_image = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts, b, prompts_at)
       achieved = per_image * ips / 1e12
       mfu = f"{achieved / peaks[dtype]:6.1%}" if dtype in peaks else f"{'n/a':>6}"
       print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {per_image / 1e9:>10.2f} "
-            f"{xla_flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} {compile_s:>10.1f} {rounds}", flush=True)
+            f"{xla_flops / b / 1e9:>10.2f} {achieved:>8.3f} {mfu} {compile_s:>10.1f} {rounds} "
+            f"{our_bytes / 2**20:>9.0f} {their_bytes / 2**20:>10.0f}", flush=True)
   if FLAGS.forward:
     print(f"eval-mode forward (both towers, no gradients):\n{'batch':>6} {'dtype':>9} {'ours img/s':>11} "
           f"{'torch img/s':>12} {'ratio':>6} {'per round':>11}")

@@ -28,18 +28,20 @@ def test_oracle_names_each_group_by_its_majority_true_class():
   np.testing.assert_array_equal(one, np.zeros((2, 3)))
 
 
-def test_train_step_benchmark_prints_measured_rows_for_each_tower():
-  """The benchmark runs end to end on a tiny batch and every figure it prints is a positive measurement.
+def test_train_step_benchmark_prints_measured_rows_for_each_tower(tmp_path):
+  """The benchmark runs end to end on a tiny batch and every figure it prints is a positive measurement;
+  --profile_dir leaves one trace per row.
 
   bfloat16 only: it takes the PyTorch side through autocast (float32 is the same code without it), and
   each precision costs ~10 compilations.
   """
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--config=configs/tiny.py", "--batch_sizes=2",
-         "--dtypes=bfloat16", "--steps=1", "--rounds=1", "--forward=false", "--towers"]
+         "--dtypes=bfloat16", "--steps=1", "--rounds=1", "--forward=false", "--towers",
+         f"--profile_dir={tmp_path}"]
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["2"]]
-  steps = [r for r in rows if len(r) == 11]
+  steps = [r for r in rows if len(r) == 13]
   towers = [r for r in rows if len(r) == 8]
   assert [r[1] for r in steps] == ["bfloat16"], res.stdout
   # On CPU the MFU is against a product rate measured in the same process, printed in the header.
@@ -52,6 +54,9 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower():
     tflops, mfu = float(r[7]), float(r[8].rstrip("%"))
     assert tflops > 0 and abs(mfu - 100 * tflops / peak_tflops) <= 0.05 / peak_tflops + 0.06 + 0.01 * mfu, r
     _assert_one_round(r[10], ratio)
+    # XLA's memory analysis of the compiled step (MiB, positive).
+    assert float(r[11]) > 0 and r[12] == "nan", r  # PyTorch's CUDA peak: only on a GPU
+  assert list(tmp_path.glob("b2_bfloat16/**/*.xplane.pb")), sorted(tmp_path.rglob("*"))
   assert {(r[1], r[2], r[3]) for r in towers} == {
       ("bfloat16", t, p) for t in ("image", "text") for p in ("forward", "fwd+bwd")}
   for r in towers:  # ours ms, torch ms (printed to 0.01), ratio = torch ms / ours ms (to 0.01)
