@@ -158,10 +158,11 @@ def step_bytes(compiled) -> float:
   buffers + temporaries (nan where the backend gives no analysis)."""
   try:
     m = compiled.memory_analysis()
-    return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                 + m.temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
+  except (NotImplementedError, RuntimeError):
     return float("nan")
+  if m is None:
+    return float("nan")
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
 def _torch_device():
@@ -174,6 +175,24 @@ def _sync(device):
   if device == "cuda":
     import torch  # pylint: disable=g-import-not-at-top
     torch.cuda.synchronize()
+
+
+def _torch_model(config, train: bool):
+  """HF's GroupViTModel for `config` in train or eval mode on `_torch_device()`, PyTorch on the same
+  cores XLA uses: (device, model)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
+  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  device = _torch_device()
+  return device, GroupViTModel(hf_config(config.model)).train(train).to(device)
+
+
+def _torch_batch(images, text, device):
+  """`_batch`'s arrays as PyTorch tensors on `device`: (pixels [b, 3, H, W], token ids int64)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return (torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device),
+          torch.from_numpy(text.astype(np.int64)).to(device))
 
 
 def ours_forward(config, b, dtype, rng):
@@ -210,14 +229,9 @@ def _autocast(dtype, device="cpu"):
 
 def theirs_forward(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
-  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
-  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count() or 1)
-  device = _torch_device()
-  model = GroupViTModel(hf_config(config.model)).eval().to(device)
-  images, text = _batch(config, b, FLAGS.prompts, rng)
-  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-  ids = torch.from_numpy(text.astype(np.int64)).reshape(b * (1 + FLAGS.prompts), -1).to(device)
+  device, model = _torch_model(config, train=False)
+  pixels, ids = _torch_batch(*_batch(config, b, FLAGS.prompts, rng), device)
+  ids = ids.reshape(b * (1 + FLAGS.prompts), -1)
 
   def run(n):
     _sync(device)
@@ -235,15 +249,9 @@ def theirs_forward(config, b, dtype, rng):
 def theirs(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
-  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count() or 1)  # the same cores XLA uses
-  device = _torch_device()
-  model = GroupViTModel(hf_config(config.model)).train().to(device)
+  device, model = _torch_model(config, train=True)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-  images, text = _batch(config, b, FLAGS.prompts, rng)
-  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
-  ids = torch.from_numpy(text.astype(np.int64)).to(device)
+  pixels, ids = _torch_batch(*_batch(config, b, FLAGS.prompts, rng), device)
   k = FLAGS.prompts
 
   def step():
@@ -289,8 +297,6 @@ def tower_runs(config, b, dtype, rng):
   the text tower on caption + K prompts (one array at the context length), forward alone and forward +
   backward of sum(embeddings^2) with respect to the tower's parameters."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests.models.hf_reference import hf_config  # pylint: disable=g-import-not-at-top
-  from transformers import GroupViTModel  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   model = build_model(config.model)
@@ -307,11 +313,9 @@ def tower_runs(config, b, dtype, rng):
     out = out["image_embeds"] if tower == "image" else out
     return jnp.sum(jnp.square(out.astype(jnp.float32)))
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  device = _torch_device()
-  torch_model = GroupViTModel(hf_config(config.model)).train().to(device)
-  torch_inputs = {"image": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device),
-                  "text": torch.from_numpy(text.astype(np.int64)).reshape(-1, text.shape[-1]).to(device)}
+  device, torch_model = _torch_model(config, train=True)
+  pixels, ids = _torch_batch(images, text, device)
+  torch_inputs = {"image": pixels, "text": ids.reshape(-1, text.shape[-1])}
 
   def their_loss(tower):
     m = torch_model
