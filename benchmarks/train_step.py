@@ -216,7 +216,7 @@ def ours_forward(config, b, dtype, rng):
   return run
 
 
-def _autocast(dtype, device="cpu"):
+def _autocast(dtype, device):
   """PyTorch's mixed precision for `dtype`: bf16 autocast on `device` (matmuls in bf16, softmax and
   norms in fp32, as ours), nothing for float32."""
   import torch  # pylint: disable=g-import-not-at-top
