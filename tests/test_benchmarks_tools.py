@@ -146,3 +146,17 @@ def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
   assert len(products) == 1 and trace.count[products[0]] == 5, trace.count
   # Launch-only timing would read a few percent of the wall time; borrowing a later run's marker, ~2x.
   assert 0.5 * wall < trace.ns[products[0]] / 5 / 1e9 < 1.5 * wall, (trace.ns, wall)
+
+
+def test_attention_bound_times_the_step_with_and_without_the_attentions_products():
+  """The free step compiles without the attentions' batched products (only the grouping blocks' remain,
+  fewer FLOPs than the real step's) and both times are measured."""
+  cmd = [sys.executable, "-m", "benchmarks.attention_bound", "--config=configs/tiny.py", "--batch_size=2",
+         "--dtypes=float32", "--steps=1", "--rounds=1"]
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["float32"]]
+  assert len(rows) == 1, res.stdout
+  real, free, ratio, real_mflops, free_mflops = map(float, rows[0][1:6])  # ms to 0.1, ratio to 0.001
+  assert real > 0 and free > 0 and abs(ratio - real / free) <= 0.06 / free * ratio + 0.001, rows
+  assert 0 < free_mflops < 0.5 * real_mflops, rows
