@@ -102,7 +102,7 @@ def cpu_bf16_hint(dtype: str, flags: set[str] | None = None) -> str | None:
     return None
   flags = cpu_flags() if flags is None else flags
   if flags & {"avx512_bf16", "amx_bf16"}:
-    # Measured on an AVX512-BF16 CPU (README, Benchmarks, session 14), bf16 vs float32 train steps:
+    # Measured on an AVX512-BF16 CPU (benchmarks/HISTORY.md, session 14), bf16 vs float32 train steps:
     # GroupViT-S b8 7.1 vs 4.2 images/s, demo b64 618 vs 562, tiny b16 1,130 vs 1,174.
     return None
   return ("model.dtype is bfloat16 on a CPU without AVX512-BF16/AMX-BF16, where XLA runs bf16 products "
