@@ -86,7 +86,7 @@ def matmul(x: jax.Array, kernel: jax.Array, dtype: Dtype, precision: Any = None)
   makes, run upcast to float32. PyTorch's bf16 autocast is the same arithmetic (bf16 products, f32
   accumulation). Gradients come back in the operands' own dtypes: a float32 kernel gets its float32
   accumulation without a bf16 rounding. With float32 `dtype` these are the products JAX's autodiff
-  of `x @ kernel` makes, the kernel gradient on CPU with its operands in the faster order (below).
+  of `x @ kernel` makes (`affine` then uses that directly).
   """
   return _matmul_fwd(x, kernel, dtype, precision)[0]
 
@@ -116,13 +116,6 @@ def _matmul_bwd(dtype, precision, residuals, g):
       dk = contract(_with_zero_row(g.T, 0), xc, ((1,), (0,)))[:n_out].T
     else:
       dk = contract(_with_zero_row(xc.T, 0), g, ((1,), (0,)))[:n_in]
-  elif jax.default_backend() == "cpu" and n_in > n_out:
-    # XLA:CPU runs a product contracting both operands' rows (Eigen's contraction) 1.4-2.3x faster
-    # with the narrower operand on the left: [9216, 128]^T [9216, 32] 0.85 -> 0.39 ms, [5120, 256]^T
-    # [5120, 64] 1.25 -> 0.93 ms. So wide-in, narrow-out layers take (g^T x)^T; the barrier keeps
-    # XLA from folding the small result's transpose back into the product. Whole float32 steps
-    # (in-process A/B): demo b64 and tiny b64/b128 ~1.02x (0.97-1.05x), GroupViT-S b8 1.00x.
-    dk = jax.lax.optimization_barrier(contract(g, xc, ((0,), (0,)))).T
   else:
     dk = contract(xc, g, ((0,), (0,)))  # [rows, in] . [rows, out] -> [in, out]
   return dx.astype(x_dtype.dtype), dk.astype(kernel_dtype.dtype)
@@ -144,13 +137,13 @@ def _cotangent_side_cheaper(rows: int, n_in: int, n_out: int) -> bool:
 
 def affine(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], dtype: Dtype,
            precision: Any = None) -> jax.Array:
-  """`[rows, in] @ [in, out]` in `dtype` with a float32 result (a `matmul`; with float32 compute off
-  CPU, JAX's own product and gradient), plus the bias in float32, rounded once to `dtype`.
+  """`[rows, in] @ [in, out]` in `dtype` with a float32 result (a `matmul` below float32; with float32
+  compute JAX's own product and gradient), plus the bias in float32, rounded once to `dtype`.
 
   Under bfloat16 the bias gradient is then a float32 sum: XLA:CPU rewrites bfloat16 sums into slow
   windowed reductions (see Dense).
   """
-  if jnp.dtype(dtype) == jnp.float32 and jax.default_backend() != "cpu":
+  if jnp.dtype(dtype) == jnp.float32:
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=precision)
   else:
     y = matmul(x, kernel, jnp.dtype(dtype), precision)
@@ -169,8 +162,7 @@ class Dense(nn.Dense):
     backward). Adding it in float32 (one rounding to `dtype` after the add) makes that sum float32.
   - Below float32 the product is a `matmul`: `dtype` operands, float32 result, and a backward whose
     products are also `dtype` x `dtype` -> float32 (native bf16 kernels on CPU; see `matmul`).
-  With float32 compute these are the same products as nn.Dense's (on CPU, the kernel gradient's operands in
-  the faster order: see `matmul`).
+  With float32 compute these are the same operations as nn.Dense's.
   """
 
   @nn.compact
