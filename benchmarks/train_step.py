@@ -41,7 +41,7 @@ flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
 flags.DEFINE_list("batch_sizes", ["16"], "Global batch sizes.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (PyTorch: bfloat16 = CPU autocast).")
 flags.DEFINE_integer("steps", 5, "Timed steps per round.")
-flags.DEFINE_integer("rounds", 2, "Alternating rounds (ours, theirs).")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds (ours then theirs, theirs then ours, ...).")
 flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
 flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: the table for known accelerators; on "
                    "CPU, the measured rate of a 1024^3 product in each dtype).")
@@ -361,26 +361,27 @@ def tower_runs(config, b, dtype, rng):
   return runs
 
 
-def _alternate(our_run, their_run, b):
+def _alternate(our_run, their_run, b, rounds, steps):
   """Times ours and theirs in alternating rounds: (ours img/s, theirs img/s, ratio text, rounds text).
 
   The img/s are each side's best round and the ratio is best over best. The rounds text is the lowest
-  and highest ratio of one round of ours against the round of theirs that follows it (seconds apart):
-  a machine whose speed drifts during the run moves those less than it moves the best of each side.
+  and highest ratio of one round of ours against the round of theirs next to it (seconds apart): a
+  machine whose speed drifts during the run moves those less than it moves the best of each side.
+  Which side runs first alternates from round to round: of two identical XLA steps timed one after
+  the other, the second read up to ~1.5 % faster (benchmarks/HISTORY.md, session 29).
   """
   t_ours, t_theirs = [], []
-  for _ in range(FLAGS.rounds):
-    # One untimed step after each switch: the first XLA step after PyTorch has run in the process is
-    # up to ~40 % slower (GroupViT-S image tower: 1.66 vs 1.14-1.24 s), PyTorch's after ours is not.
-    our_run(1)
-    t_ours.append(our_run(FLAGS.steps))
-    if their_run:
-      their_run(1)
-      t_theirs.append(their_run(FLAGS.steps))
-  ips = b * FLAGS.steps / min(t_ours)
+  for r in range(rounds):
+    sides = [(our_run, t_ours), (their_run, t_theirs)] if their_run else [(our_run, t_ours)]
+    for run, times in sides[::-1] if r % 2 else sides:
+      # One untimed step after each switch: the first XLA step after PyTorch has run in the process
+      # is up to ~40 % slower (GroupViT-S image tower: 1.66 vs 1.14-1.24 s), PyTorch's after ours not.
+      run(1)
+      times.append(run(steps))
+  ips = b * steps / min(t_ours)
   if not t_theirs:
     return ips, float("nan"), f"{'-':>6}", f"{'-':>11}"
-  tps = b * FLAGS.steps / min(t_theirs)
+  tps = b * steps / min(t_theirs)
   paired = [theirs / ours for ours, theirs in zip(t_ours, t_theirs)]
   return ips, tps, f"{ips / tps:6.2f}", f"{min(paired):.2f}-{max(paired):.2f}".rjust(11)
 
@@ -425,7 +426,7 @@ def main(argv):
     for dtype in FLAGS.dtypes:
       their_run = theirs(config, b, dtype, rng) if FLAGS.torch else None
       our_run, xla_flops, compile_s, our_bytes = ours(config, b, dtype, rng)
-      ips, tps, ratio, rounds = _alternate(our_run, their_run, b)
+      ips, tps, ratio, rounds = _alternate(our_run, their_run, b, FLAGS.rounds, FLAGS.steps)
       their_bytes = their_run.peak_bytes() if their_run else float("nan")
       if FLAGS.profile_dir:
         with jax.profiler.trace(os.path.join(FLAGS.profile_dir, f"b{b}_{dtype}")):
@@ -442,7 +443,8 @@ def main(argv):
     for b in map(int, FLAGS.batch_sizes):
       for dtype in FLAGS.dtypes:
         their_run = theirs_forward(config, b, dtype, rng) if FLAGS.torch else None
-        ips, tps, ratio, rounds = _alternate(ours_forward(config, b, dtype, rng), their_run, b)
+        ips, tps, ratio, rounds = _alternate(ours_forward(config, b, dtype, rng), their_run, b, FLAGS.rounds,
+                                             FLAGS.steps)
         print(f"{b:>6} {dtype:>9} {ips:>11.1f} {tps:>12.1f} {ratio} {rounds}", flush=True)
   if FLAGS.towers and FLAGS.torch:
     print(f"each tower alone (ms per batch; text = caption + {FLAGS.prompts} prompts per image):\n"
@@ -451,7 +453,7 @@ def main(argv):
     for b in map(int, FLAGS.batch_sizes):
       for dtype in FLAGS.dtypes:
         for (tower, kind), (our_run, their_run) in tower_runs(config, b, dtype, rng).items():
-          ips, tps, ratio, rounds = _alternate(our_run, their_run, b)
+          ips, tps, ratio, rounds = _alternate(our_run, their_run, b, FLAGS.rounds, FLAGS.steps)
           print(f"{b:>6} {dtype:>9} {tower:>6} {kind:>8} {1e3 * b / ips:>8.2f} {1e3 * b / tps:>9.2f} {ratio} "
                 f"{rounds}", flush=True)
   print(f"peak host memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

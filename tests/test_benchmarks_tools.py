@@ -66,6 +66,32 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower(tmp_path):
     _assert_one_round(r[7], ratio)
 
 
+def test_train_step_rounds_alternate_which_side_runs_first():
+  """Each round warms a side up with one untimed step, then times it; the side that goes first swaps
+  from round to round, and the per-round ratios pair the two sides' times of the same round."""
+  code = """if True:
+    from benchmarks import train_step
+    calls = []
+    def side(name, seconds):
+      def run(n):
+        calls.append((name, n))
+        return seconds.pop(0) if n > 1 else 0.0
+      return run
+    print(train_step._alternate(side("ours", [1.0, 0.5, 0.8]), side("theirs", [2.0, 2.0, 1.0]), 4, 3, 2))
+    print(calls)
+  """
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  result, calls = res.stdout.splitlines()[-2:]
+  assert eval(calls) == [("ours", 1), ("ours", 2), ("theirs", 1), ("theirs", 2),  # pylint: disable=eval-used
+                         ("theirs", 1), ("theirs", 2), ("ours", 1), ("ours", 2),
+                         ("ours", 1), ("ours", 2), ("theirs", 1), ("theirs", 2)], calls
+  ips, tps, ratio, rounds = eval(result)  # pylint: disable=eval-used
+  # Best over best: 4 images x 2 steps in 0.5 s against 1.0 s; per round 2.0/1.0, 2.0/0.5, 1.0/0.8.
+  assert (ips, tps, ratio.strip(), rounds.strip()) == (16.0, 8.0, "2.00", "1.25-4.00"), result
+
+
 def _assert_one_round(per_round: str, ratio: float):
   """With --rounds=1 the per-round range ("lo-hi") is that one round's ratio, which is the row's."""
   lo, hi = map(float, per_round.split("-"))
