@@ -47,12 +47,12 @@ def free_batched_dot(a: jax.Array, b: jax.Array, b_contracting: int) -> jax.Arra
 _original_attention = layers.attention
 
 
-def _heads_major_attention(q, k, v, num_heads, mask=None):
+def _heads_major_attention(q, k, v, num_heads, mask=None, implementation="xla"):
   """`layers.attention` through the heads-major core in every dtype (where YNNPACK takes the shapes)."""
   head_dim = q.shape[-1] // num_heads
   if layers._ynn_extents(q.shape[1], k.shape[1], head_dim):  # pylint: disable=protected-access
     return layers._attention_heads_major(q, k, v, num_heads, mask)  # pylint: disable=protected-access
-  return _original_attention(q, k, v, num_heads, mask)
+  return _original_attention(q, k, v, num_heads, mask, implementation)
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl/fallback flax==0.12.8 optax==0.2.8
 # then one call: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480).
-# What it prints also lands in $OUT (parity.txt, bench_bf16.txt, bench_fp32.txt, and
+# What it prints also lands in $OUT (parity.txt, bench_bf16.txt, bench_fp32.txt, bench_bf16_cudnn.txt and
 # b<batch>_bfloat16.xplane.pb.gz: jax.profiler traces, read with jax.profiler.ProfileData). On a CPU the
-# same script runs with CONFIG=configs/tiny.py BF16_BATCH_SIZES=4 FP32_BATCH_SIZES=4.
+# same script runs with CONFIG=configs/tiny.py BF16_BATCH_SIZES=4 FP32_BATCH_SIZES=4 CUDNN_BATCH_SIZES=.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -20,6 +20,7 @@ mkdir -p "$OUT"
 CONFIG=${CONFIG:-configs/groupvit_s.py}
 BF16_BATCH_SIZES=${BF16_BATCH_SIZES:-128,256,512}
 FP32_BATCH_SIZES=${FP32_BATCH_SIZES:-256}
+CUDNN_BATCH_SIZES=${CUDNN_BATCH_SIZES-256}  # empty: no cuDNN-attention row
 STEPS=${STEPS:-10}
 # JAX takes half the GPU, leaving the rest to PyTorch in the same process (default: 75 % to JAX).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
@@ -80,6 +81,11 @@ bench() {  # dtype, batch sizes, output file, extra flags
 rm -rf /tmp/device_check_profiles
 bench bfloat16 "$BF16_BATCH_SIZES" bench_bf16.txt --profile_dir=/tmp/device_check_profiles
 bench float32 "$FP32_BATCH_SIZES" bench_fp32.txt
+# Last, so that a failure costs nothing above: the image tower's attention as cuDNN's fused kernel
+# (model.attention="cudnn"), ours alone, to hold against the bf16 rows at the same batch.
+if [ -n "$CUDNN_BATCH_SIZES" ]; then
+  bench bfloat16 "$CUDNN_BATCH_SIZES" bench_bf16_cudnn.txt --attention=cudnn --torch=false
+fi
 for d in /tmp/device_check_profiles/*/; do
   f=$(find "$d" -name "*.xplane.pb" | head -1)
   [ -n "$f" ] && gzip -c "$f" > "$OUT/$(basename "$d").xplane.pb.gz"

@@ -51,6 +51,8 @@ flags.DEFINE_bool("towers", False, "Also time each tower's forward and forward +
                   "step's time goes, ours vs PyTorch).")
 flags.DEFINE_integer("prompt_length", None, "Ours: prompts at this length (default: the config's "
                      "input.prompt_length; 0: at the context length, in one array with the caption).")
+flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "Ours: the image tower's attention implementation "
+                  "(default: the config's model.attention; cudnn: NVIDIA GPUs, bf16).")
 flags.DEFINE_integer("image_splits", None, "Ours: the image tower on this many independent parts of the batch "
                      "(default: the config's model.image_splits; see GroupViT.image_splits).")
 flags.DEFINE_string("profile_dir", None, "Trace 3 of our steps per row into DIR/b<batch>_<dtype>.")
@@ -77,8 +79,10 @@ def measured_peak_tflops(dtype: str, n: int = 1024, reps: int = 20) -> float:
 
 
 def load_config():
-  """--config, with --image_splits applied."""
+  """--config, with --attention and --image_splits applied."""
   config = config_lib.load_config(FLAGS.config)
+  if FLAGS.attention is not None:
+    config.model.attention = FLAGS.attention
   if FLAGS.image_splits is not None:
     config.model.image_splits = FLAGS.image_splits
   return config
@@ -407,7 +411,8 @@ def main(argv):
     peaks, peak_note = {}, "peak unknown (pass --peak_tflops for MFU)"
   config = load_config()
   prompts_at = prompt_length(config)
-  print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config}, K={FLAGS.prompts} prompts "
+  print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config} (image attention "
+        f"{config.model.get('attention', 'xla')}), K={FLAGS.prompts} prompts "
         f"(ours at {prompts_at or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"{peak_note}")
   if FLAGS.torch and device.platform == "gpu":

@@ -36,6 +36,8 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
       contrast_temperature=0.07,  # both logit scales start at log(1 / 0.07)
       dtype="float32",  # compute dtype ("bfloat16" for mixed precision); params stay float32
       remat=False,  # rematerialise transformer blocks to save activation memory
+      # The image tower's attention: "xla", or "cudnn" (NVIDIA GPUs in bf16/fp16: cuDNN's fused kernel).
+      attention="xla",
       image_splits=1,  # one CPU device: the image tower on this many independent parts of the batch
   ))
 

@@ -1,10 +1,12 @@
 """GroupViT models in Flax linen; `build_model(config.model)` is the entry point."""
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables, random_variables
+from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -13,6 +15,15 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
   """Builds GroupViT from `config.model` (see configs/groupvit_s.py for the fields)."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+  attention = config.get("attention", "xla")
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+  if attention == "cudnn" and (jax.default_backend() != "gpu" or config.dtype == "float32"):
+    # The same model either way (an implementation, not an architecture): a run trained on GPUs
+    # evaluates on a CPU with its own config.
+    logging.warning("model.attention='cudnn' needs an NVIDIA GPU and model.dtype bfloat16 or float16 "
+                    "(backend %r, dtype %r): using 'xla'", jax.default_backend(), config.dtype)
+    attention = "xla"
   image = dict(config.image)
   for key in ("depths", "num_heads", "num_group_tokens", "num_output_groups"):
     image[key] = tuple(image[key])
@@ -25,6 +36,7 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       contrast_temperature=config.contrast_temperature,
       dtype=_DTYPES[config.dtype],
       remat=config.remat,
+      attention=attention,
       # Splitting a batch that is sharded over several devices would only move it between them.
       image_splits=config.get("image_splits", 1) if jax.device_count() == 1 else 1)
 

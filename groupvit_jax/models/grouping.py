@@ -88,11 +88,13 @@ class CrossAttnBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array) -> jax.Array:
     dim = query.shape[-1]
-    x = query + CrossAttention(self.num_heads, dtype=self.dtype, name="attn")(query, key)
+    x = query + CrossAttention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                               name="attn")(query, key)
     x = x + Mlp(int(dim * self.mlp_ratio), dim, dtype=self.dtype, name="mlp")(
         layer_norm("norm2", self.dtype)(x))
     return layer_norm("norm_post", self.dtype)(x)
@@ -112,6 +114,7 @@ class GroupingBlock(nn.Module):
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention's implementation (the assignment's own attention aside)
 
   @nn.compact
   def __call__(self, x: jax.Array, group_tokens: jax.Array, train: bool,
@@ -124,7 +127,8 @@ class GroupingBlock(nn.Module):
     projected = Mlp(tokens_hidden, self.num_output_groups, dtype=self.dtype, mix_tokens=True,
                     axes=("groups", "group_mlp", "groups"), name="mlp_inter")(group_tokens)
     projected = layer_norm("norm_post_tokens", self.dtype)(projected)
-    projected = CrossAttnBlock(self.num_heads, dtype=self.dtype, name="pre_assign_attn")(projected, x)
+    projected = CrossAttnBlock(self.num_heads, dtype=self.dtype, attention=self.attention,
+                               name="pre_assign_attn")(projected, x)
     new_x, maps, key = AssignAttention(self.hard, self.gumbel, self.gumbel_tau, self.assign_eps,
                                        dtype=self.dtype, name="assign")(projected, x, train, gumbel_key,
                                                                         batch_part)
@@ -154,6 +158,7 @@ class GroupingStage(nn.Module):
   assign_eps: float = 1.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, prev_group_tokens: Optional[jax.Array], train: bool,
@@ -180,15 +185,15 @@ class GroupingStage(nn.Module):
     block_cls = nn.remat(AttnBlock, static_argnums=(2,)) if self.remat else AttnBlock
     rates = list(self.drop_path) or [0.0] * self.depth
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, rates[i], dtype=self.dtype, name=f"blocks_{i}")(
-          x, not train)
+      x = block_cls(self.num_heads, self.mlp_ratio, rates[i], dtype=self.dtype, attention=self.attention,
+                    name=f"blocks_{i}")(x, not train)
 
     if not self.num_group_tokens:
       return x, None, None, None
     x, group_tokens = x[:, :n], x[:, n:]
     x, maps, key = GroupingBlock(self.num_heads, self.num_output_groups, hard=self.hard,
                                  gumbel=self.gumbel, gumbel_tau=self.gumbel_tau,
-                                 assign_eps=self.assign_eps, dtype=self.dtype,
+                                 assign_eps=self.assign_eps, dtype=self.dtype, attention=self.attention,
                                  name="downsample")(x, group_tokens, train, gumbel_key, batch_part)
     return x, group_tokens, maps, key
 
@@ -217,6 +222,7 @@ class GroupViTImageEncoder(nn.Module):
   assign_eps: float = 1.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, *, batch_part: tuple[int, int] = (0, 1),
@@ -249,6 +255,7 @@ class GroupViTImageEncoder(nn.Module):
           assign_eps=self.assign_eps,
           remat=self.remat,
           dtype=self.dtype,
+          attention=self.attention,
           name=f"layers_{i}")(x, group_tokens, train, gumbel_keys[i] if gumbel_keys else None,
                               batch_part)
       if maps is not None:

@@ -59,6 +59,9 @@ class GroupViT(nn.Module):
   contrast_temperature: float = 0.07
   dtype: Dtype = jnp.float32
   remat: bool = False
+  # The image tower's attention implementation (layers.attention). The text tower's attention is
+  # masked (causal) and stays on "xla".
+  attention: str = "xla"
   # The image tower runs on this many equal parts of the batch, as independent computations (a batch
   # it does not divide runs whole). For one CPU device: XLA:CPU runs each batched matrix product (the
   # attention's) on one thread, and independent parts let its threads share them. Same outputs and
@@ -67,7 +70,8 @@ class GroupViT(nn.Module):
   image_splits: int = 1
 
   def setup(self):
-    self.img_encoder = GroupViTImageEncoder(**self.image, remat=self.remat, dtype=self.dtype)
+    self.img_encoder = GroupViTImageEncoder(**self.image, remat=self.remat, dtype=self.dtype,
+                                            attention=self.attention)
     self.text_encoder = TextTransformer(**self.text, remat=self.remat, dtype=self.dtype)
     projector = lambda: ProjectMLP(self.projection_dim, self.projection_hidden_dim, self.projection_layers,
                                    dtype=self.dtype)

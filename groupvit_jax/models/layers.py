@@ -263,14 +263,20 @@ class Mlp(nn.Module):
     return x
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-              mask: Optional[jax.Array] = None) -> jax.Array:
+              mask: Optional[jax.Array] = None, implementation: str = "xla") -> jax.Array:
   """Multi-head scaled dot-product attention with a float32 softmax.
 
   Args:
     q: [batch, queries, dim]; k, v: [batch, keys, dim].
     num_heads: heads to split `dim` into.
     mask: optional additive mask broadcastable to [batch, heads, queries, keys].
+    implementation: "xla" (the products and softmax below, compiled by XLA) or "cudnn": without a
+      mask, `jax.nn.dot_product_attention`'s fused cuDNN kernel (NVIDIA GPUs, bf16/fp16: the logits
+      never reach memory); with a mask (the causal text tower) "xla" still.
   Returns:
     [batch, queries, dim] in q's dtype.
 
@@ -280,6 +286,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
   b, n, c = q.shape
   s = k.shape[1]
   head_dim = c // num_heads
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if implementation == "cudnn" and mask is None:
+    split = lambda x, t: x.reshape(b, t, num_heads, head_dim)
+    out = jax.nn.dot_product_attention(split(q, n), split(k, s), split(v, s), implementation="cudnn")
+    return out.reshape(b, n, c)
   if _native_bf16_cpu(q.dtype) and _ynn_extents(n, s, head_dim):
     return _attention_heads_major(q, k, v, num_heads, mask)
   q = q.reshape(b, n, num_heads, head_dim)
@@ -376,6 +389,7 @@ class SelfAttention(nn.Module):
   out_name: str = "proj"
   qkv_std: float = 0.02
   out_std: float = 0.02
+  implementation: str = "xla"  # `attention`'s
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None,
@@ -387,7 +401,7 @@ class SelfAttention(nn.Module):
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if query_index is not None:
       q = jnp.take_along_axis(q, query_index[:, None, None], axis=1)
-    out = attention(q, k, v, self.num_heads, mask)
+    out = attention(q, k, v, self.num_heads, mask, self.implementation)
     return dense(c, ("heads", "embed"), name=self.out_name, dtype=self.dtype, std=self.out_std)(out)
 
 
@@ -395,12 +409,14 @@ class CrossAttention(nn.Module):
   """Multi-head attention from queries to separate keys/values (q_proj, k_proj, v_proj, proj)."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  implementation: str = "xla"  # `attention`'s
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array) -> jax.Array:
     c = query.shape[-1]
     proj = lambda name: dense(c, ("embed", "heads"), name=name, dtype=self.dtype)
-    out = attention(proj("q_proj")(query), proj("k_proj")(key), proj("v_proj")(key), self.num_heads)
+    out = attention(proj("q_proj")(query), proj("k_proj")(key), proj("v_proj")(key), self.num_heads,
+                    implementation=self.implementation)
     return dense(c, ("heads", "embed"), name="proj", dtype=self.dtype)(out)
 
 

@@ -88,14 +88,15 @@ class AttnBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                mask: Optional[jax.Array] = None) -> jax.Array:
     dim = x.shape[-1]
     drop = DropPath(self.drop_path)
-    y = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x),
-                                                                      mask)
+    y = SelfAttention(self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn")(
+        layer_norm("norm1", self.dtype)(x), mask)
     x = x + drop(y, deterministic)
     y = Mlp(int(dim * self.mlp_ratio), dim, dtype=self.dtype, name="mlp")(layer_norm("norm2", self.dtype)(x))
     x = x + drop(y, deterministic)

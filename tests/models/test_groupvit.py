@@ -1,7 +1,9 @@
 """Behaviour of the Flax modules: straight-through assignment, resize, BatchNorm, bf16, remat."""
 
 import re
+from unittest import mock
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -270,6 +272,48 @@ def test_remat_gives_identical_outputs_and_gradients():
   # feeding BatchNorm) are pure rounding noise, hence an absolute floor relative to the largest gradient.
   scale = max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g, g_remat)
+
+
+def test_cudnn_attention_hands_the_image_towers_attention_to_jax_nn(monkeypatch):
+  """model.attention="cudnn" routes every attention of the image tower (blocks and the grouping
+  blocks' cross-attention), and none of the causal text tower's, through jax.nn.dot_product_attention.
+  On CPU its XLA implementation stands in for cuDNN's: outputs and gradients equal the default path's."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, implementation=None):
+    assert implementation == "cudnn"
+    calls.append(q.shape)
+    return real(q, k, v, implementation="xla")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  config = _tiny()
+  model, variables = _init(config)
+  routed = model.clone(attention="cudnn")
+  images, text = _batch(config)
+
+  def run(m):
+    def loss(params):
+      out = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, text)
+      return jnp.sum(out["image_embeds"] * out["text_embeds"]) + jnp.sum(out["prompt_embeds"]**2), out
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+  g, out = run(model)
+  assert not calls
+  g_routed, out_routed = run(routed)
+  # Tiny: 64 patches + 8 groups in 2 blocks, 8 groups from 64 tokens, 8 + 4 in 1 block, 4 groups from
+  # 8 tokens, 4 in 1 block; batch 4, 2 heads of 16.
+  assert calls == [(4, 72, 2, 16)] * 2 + [(4, 8, 2, 16), (4, 12, 2, 16), (4, 4, 2, 16), (4, 4, 2, 16)], calls
+  for key in ("image_embeds", "text_embeds", "prompt_embeds"):
+    np.testing.assert_allclose(out_routed[key], out[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  scale = max(float(np.abs(x).max()) for x in jax.tree_util.tree_leaves(g))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), g, g_routed)
+  # Asked for in a config on a machine without cuDNN (or in float32), the model runs "xla" and says so.
+  with mock.patch.object(logging, "warning") as warning:
+    assert build_model(_tiny(attention="cudnn", dtype="bfloat16").model).attention == "xla"
+  assert "model.attention='cudnn' needs an NVIDIA GPU" in warning.call_args[0][0]
+  with pytest.raises(ValueError, match="model.attention must be one of"):
+    build_model(_tiny(attention="flash").model)
 
 
 def test_image_splits_give_the_same_outputs_noise_and_gradients():
