@@ -9,7 +9,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl/fallback flax==0.12.8 optax==0.2.8
-# then one call: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480).
+# then one call: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=540).
 # What it prints also lands in $OUT (parity.txt, bench_bf16.txt, bench_fp32.txt, bench_bf16_cudnn.txt and
 # b<batch>_bfloat16.xplane.pb.gz: jax.profiler traces, read with jax.profiler.ProfileData). On a CPU the
 # same script runs with CONFIG=configs/tiny.py BF16_BATCH_SIZES=4 FP32_BATCH_SIZES=4 CUDNN_BATCH_SIZES=.
