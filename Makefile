@@ -12,7 +12,7 @@ ifneq ($(JEMALLOC),)
 ifeq ($(findstring jemalloc,$(LD_PRELOAD)),)
 export LD_PRELOAD := $(strip $(LD_PRELOAD) $(JEMALLOC))
 endif
-export MALLOC_CONF ?= dirty_decay_ms:-1,muzzy_decay_ms:-1
+export MALLOC_CONF ?= dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0
 endif
 
 .PHONY: install install-core demo test bench

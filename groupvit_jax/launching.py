@@ -23,11 +23,14 @@ from typing import Any, Sequence
 # - jemalloc with page purging off keeps freed pages mapped for the next step: no faults and ~1-8 ms
 #   of kernel time per step (README, Benchmarks: demo bf16 b64 ~106 -> ~85 ms, GroupViT-S bf16 b8
 #   1.11 -> 1.05 s; max RSS +0.3 GiB and +1.5 GiB, the freed pages it keeps). Used where installed
-#   (Debian/Ubuntu: apt install libjemalloc2).
+#   (Debian/Ubuntu: apt install libjemalloc2). oversize_threshold:0 serves blocks over 8 MiB from the
+#   same arenas, which keep them too: without it PyTorch's float32 GroupViT-S step (the benchmark's
+#   reference, same process) still took 63,000-105,000 faults per step, and the benchmark's peak RSS
+#   is ~2 GiB lower with it.
 # - glibc's transparent huge pages for malloc's mmaps: still ~500 faults (2 MiB each) and ~30 ms of
 #   kernel time per demo step, but nothing to install (glibc versions without the tunable ignore it).
 CPU_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
 
 
 def find_jemalloc() -> str | None:
