@@ -5,8 +5,8 @@
 
 One step = forward of both towers on the image batch and the caption + K prompts per image, the
 contrastive and multi-label losses, backward, AdamW update (gradient clipping included). The PyTorch
-side runs the same computation with the same dimensions, batch and threads; the two are timed
-alternately so machine noise hits both. FLOPs are the analytic count of the model's matrix products
+side runs the same computation with the same dimensions, batch and threads, its AdamW as the fused
+kernel (--torch_adamw); the two are timed alternately so machine noise hits both. FLOPs are the analytic count of the model's matrix products
 (groupvit_jax/models/flops.py, x3 for forward + backward); XLA's cost analysis of our compiled step
 (which also counts elementwise work) is printed next to it. MFU = achieved analytic FLOP/s over
 --peak_tflops (or the table below for known accelerators). Peak host memory is the process's max RSS.
@@ -46,6 +46,9 @@ flags.DEFINE_integer("prompts", 3, "Multi-label prompts per image.")
 flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: the table for known accelerators; on "
                    "CPU, the measured rate of a 1024^3 product in each dtype).")
 flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
+flags.DEFINE_enum("torch_adamw", "fused", ["fused", "default"], "PyTorch's AdamW: its fused kernel (the fastest "
+                  "on CPU and GPU) or torch.optim.AdamW's defaults (a loop over the parameters on CPU: GroupViT-S "
+                  "~2-3x the fused update's time; the reference before session 30).")
 flags.DEFINE_bool("forward", True, "Also time the eval-mode forward pass (ours vs PyTorch).")
 flags.DEFINE_bool("towers", False, "Also time each tower's forward and forward + backward alone (where the "
                   "step's time goes, ours vs PyTorch).")
@@ -254,7 +257,8 @@ def theirs(config, b, dtype, rng):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   device, model = _torch_model(config, train=True)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                          **({"fused": True} if FLAGS.torch_adamw == "fused" else {}))
   pixels, ids = _torch_batch(*_batch(config, b, FLAGS.prompts, rng), device)
   k = FLAGS.prompts
 
@@ -423,6 +427,8 @@ def main(argv):
   setting = "MALLOC_CONF" if allocator == "jemalloc" else "GLIBC_TUNABLES"
   print(f"malloc: {allocator}, {setting}={os.environ.get(setting, '(unset)')} (both frameworks, one process)"
         + (f"; {hint}" if (hint := launching.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
+  if FLAGS.torch:
+    print(f"PyTorch's optimizer: AdamW ({FLAGS.torch_adamw}), gradient clipping by global norm")
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "
         f"{'XLA GFLOP':>10} {'TFLOP/s':>8} {'MFU':>6} {'compile s':>10} {'per round':>11} {'step MiB':>9} "
         f"{'torch MiB':>10}")
