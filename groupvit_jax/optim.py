@@ -44,6 +44,21 @@ def decay_mask(params: Any, spec: str) -> Any:
   return _mask(params, lambda name, _: bool(pattern.search(name)))
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Gradient clipping as the reference's `torch.nn.utils.clip_grad_norm_`: every gradient times
+  min(1, max_norm / (global norm + 1e-6)).
+
+  optax.clip_by_global_norm selects between the gradient and gradient / norm * max_norm; XLA:CPU then
+  writes each clipped gradient out before the moments read it, where a multiply by one scalar fuses
+  into them (a 12.6 M-parameter AdamW update: 10.0-11.6 -> 8.0 ms).
+  """
+  def update(updates, state, params=None):
+    del params
+    coef = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+    return jax.tree_util.tree_map(lambda g: g * coef.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size: int
                    ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """AdamW chain from `config.optim`; returns (optimizer, learning-rate schedule).
@@ -58,7 +73,7 @@ def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size:
   schedule = lr_schedule(o.lr * scale, total_steps, warmup_steps, o.warmup_lr * scale, o.min_lr * scale)
   mu_dtype = jnp.bfloat16 if o.get("bf16_moments", False) else None
   tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+      clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=lambda p: decay_mask(p, o.decay_mask), mu_dtype=mu_dtype),
   )
