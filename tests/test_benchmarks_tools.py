@@ -48,9 +48,12 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower(tmp_path):
   peak = re.search(r"bfloat16 (\d+) GFLOP/s", res.stdout)
   assert peak and float(peak.group(1)) > 0, res.stdout
   peak_tflops = float(peak.group(1)) / 1e3
-  for r in steps:  # ours img/s, torch img/s, ratio = ours / torch; TFLOP/s (to 0.001) and MFU (to 0.1 %)
+  for r in steps:  # ours img/s, torch img/s (to 0.1), ratio = ours / torch (to 0.01); TFLOP/s (to 0.001), MFU (to 0.1 %)
     ours, theirs, ratio = map(float, r[2:5])
-    assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.01 * ratio + 0.01, r
+    assert ours > 0 and theirs > 0.05, r
+    # Bounded by what the printed rounding allows (a slow PyTorch round, e.g. beside another test
+    # process, prints few img/s to one decimal).
+    assert (ours - 0.05) / (theirs + 0.05) - 0.005 <= ratio <= (ours + 0.05) / (theirs - 0.05) + 0.005, r
     tflops, mfu = float(r[7]), float(r[8].rstrip("%"))
     assert tflops > 0 and abs(mfu - 100 * tflops / peak_tflops) <= 0.05 / peak_tflops + 0.06 + 0.01 * mfu, r
     _assert_one_round(r[10], ratio)
