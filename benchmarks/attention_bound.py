@@ -77,15 +77,8 @@ def compare(config, batch_size: int, dtype: str, steps: int, rounds: int):
   real_step, run_real, _ = train_step.compile_ours(config, batch_size, dtype, rng)
   with free_attention_products():
     free_step, run_free, _ = train_step.compile_ours(config, batch_size, dtype, rng)
-  real, free = [], []
-  for r in range(rounds):
-    # The slots alternate: the second of a pair runs up to ~1.5 % faster on these CPUs (HISTORY,
-    # session 29), which would otherwise credit one variant every round.
-    pairs = [(run_real, real), (run_free, free)]
-    for run, times in pairs if r % 2 == 0 else pairs[::-1]:
-      run(1)
-      times.append(run(steps) / steps)
-  return min(real), min(free), batched_mflops(real_step), batched_mflops(free_step)
+  real, free = train_step.alternating_rounds([run_real, run_free], rounds, steps)
+  return min(real) / steps, min(free) / steps, batched_mflops(real_step), batched_mflops(free_step)
 
 
 def main(argv):

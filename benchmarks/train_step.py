@@ -369,26 +369,36 @@ def tower_runs(config, b, dtype, rng):
   return runs
 
 
+def alternating_rounds(runs, rounds: int, steps: int) -> list[list[float]]:
+  """Times each of `runs` (run(n) -> seconds for n steps) for `steps` steps per round, after one
+  untimed step, in an order reversed every other round: of two identical XLA steps timed one after
+  the other, the second read up to ~1.5 % faster (benchmarks/HISTORY.md, session 29). Returns each
+  run's seconds per round."""
+  times = [[] for _ in runs]
+  order = list(range(len(runs)))
+  for r in range(rounds):
+    for i in order[::-1] if r % 2 else order:
+      # The untimed step after each switch: the first XLA step after PyTorch has run in the process
+      # is up to ~40 % slower (GroupViT-S image tower: 1.66 vs 1.14-1.24 s), PyTorch's after ours not.
+      runs[i](1)
+      times[i].append(runs[i](steps))
+  return times
+
+
 def _alternate(our_run, their_run, b, rounds, steps):
   """Times ours and theirs in alternating rounds: (ours img/s, theirs img/s, ratio text, rounds text).
 
   The img/s are each side's best round and the ratio is best over best. The rounds text is the lowest
   and highest ratio of one round of ours against the round of theirs next to it (seconds apart): a
   machine whose speed drifts during the run moves those less than it moves the best of each side.
-  Which side runs first alternates from round to round: of two identical XLA steps timed one after
-  the other, the second read up to ~1.5 % faster (benchmarks/HISTORY.md, session 29).
+  Which side runs first alternates from round to round (`alternating_rounds`).
   """
-  t_ours, t_theirs = [], []
-  for r in range(rounds):
-    sides = [(our_run, t_ours), (their_run, t_theirs)] if their_run else [(our_run, t_ours)]
-    for run, times in sides[::-1] if r % 2 else sides:
-      # One untimed step after each switch: the first XLA step after PyTorch has run in the process
-      # is up to ~40 % slower (GroupViT-S image tower: 1.66 vs 1.14-1.24 s), PyTorch's after ours not.
-      run(1)
-      times.append(run(steps))
+  times = alternating_rounds([run for run in (our_run, their_run) if run], rounds, steps)
+  t_ours = times[0]
   ips = b * steps / min(t_ours)
-  if not t_theirs:
+  if not their_run:
     return ips, float("nan"), f"{'-':>6}", f"{'-':>11}"
+  t_theirs = times[1]
   tps = b * steps / min(t_theirs)
   paired = [theirs / ours for ours, theirs in zip(t_ours, t_theirs)]
   return ips, tps, f"{ips / tps:6.2f}", f"{min(paired):.2f}-{max(paired):.2f}".rjust(11)
