@@ -2,6 +2,7 @@
 
   python -m benchmarks.op_profile --config=configs/demo.py --batch_size=64 --dtype=float32
   python -m benchmarks.op_profile --config=configs/groupvit_s.py --batch_size=8 --dtype=bfloat16 --steps=3
+  python -m benchmarks.op_profile --config=configs/demo.py --batch_size=64 --torch_profile  # and PyTorch's
 
 Compiles the step `benchmarks.train_step` times (one device), traces `--steps` steps with
 `jax.profiler.trace` and reads the trace back with `jax.profiler.ProfileData` (no TensorBoard needed).
@@ -13,6 +14,11 @@ profiling.read_trace); YNNPACK and Eigen split one op over the threads left free
 CPU time, and with two ops in flight each one's GFLOP/s is that of the threads it got. Read the rates
 as pointers, then A/B the whole step: GroupViT-S fp32's Eigen kernel-gradient products read 65 GFLOP/s
 against YNNPACK's 119, yet handing them to YNNPACK (padded, as in bf16) made the step 1.04x slower.
+
+With `--torch_profile` the PyTorch reference's step (`benchmarks.train_step`'s, same batch and dtype) runs
+under `torch.profiler` first: its ops' self time on the calling thread (each op's intra-op threads
+included, so these add up to the step's wall time, where ours add up to more) and its products' rate
+on the analytic count of its step (prompts at the context length).
 """
 
 import collections
@@ -34,7 +40,13 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("top", 15, "Rows of the op-kind and single-op tables.")
 flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard's profile plugin reads it); "
                     "default: a temporary folder, removed afterwards.")
+flags.DEFINE_bool("torch_profile", False, "Also profile the PyTorch reference's step (same batch and dtype) "
+                  "with torch.profiler: its ops' self time and its products' rate.")
 FLAGS = flags.FLAGS
+
+# The PyTorch ops that are matrix products (the patch embedding is a convolution).
+TORCH_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+                  "aten::convolution_backward")
 
 
 def profile(config, batch_size: int, dtype: str, steps: int, trace_dir: Optional[str] = None):
@@ -50,6 +62,22 @@ def profile(config, batch_size: int, dtype: str, steps: int, trace_dir: Optional
     return ops, profiling.read_trace(directory, ops), times
 
 
+def torch_profile(config, batch_size: int, dtype: str, steps: int):
+  """The PyTorch reference's step under torch.profiler: (step times in s, {op: self ms per step},
+  {op: calls per step})."""
+  import torch  # pylint: disable=g-import-not-at-top
+  run = train_step.theirs(config, batch_size, dtype, np.random.RandomState(0))
+  run(2)
+  times = [run(1) for _ in range(steps)]
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    run(steps)
+  ms, calls = collections.Counter(), collections.Counter()
+  for event in prof.key_averages():
+    ms[event.key] += event.self_cpu_time_total / steps / 1e3
+    calls[event.key] += event.count / steps
+  return times, ms, calls
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -58,6 +86,9 @@ def main(argv):
                      "(on GPU/TPU use the TensorBoard profile plugin)")
   config = train_step.load_config()
   steps = FLAGS.steps
+  # PyTorch's first: its bf16 steps fault more once XLA's have run in the process, ours not the other
+  # way round (benchmarks/HISTORY.md, session 31).
+  reference = torch_profile(config, FLAGS.batch_size, FLAGS.dtype, steps) if FLAGS.torch_profile else None
   start = time.perf_counter()
   ops, trace, times = profile(config, FLAGS.batch_size, FLAGS.dtype, steps, FLAGS.trace_dir)
   print(f"device: {device.device_kind}, config {FLAGS.config}, batch {FLAGS.batch_size}, {FLAGS.dtype}, "
@@ -91,6 +122,18 @@ def main(argv):
     rate = f"{op.flops * trace.count[name] / ns:>8.0f}" if op.products else f"{'':>8}"
     shapes = "; ".join(f"{list(p.lhs)} x {list(p.rhs)}, {p.dtypes}" for p in op.products)
     print(f"  {ns / steps / 1e6:>8.2f} {rate}  {name}" + (f"  [{shapes}]" if shapes else ""))
+  if reference:
+    times, ms, calls = reference
+    gflop = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts,
+                                   FLAGS.batch_size) * FLAGS.batch_size / 1e9
+    product_ms = sum(ms[op] for op in TORCH_PRODUCTS)
+    print(f"PyTorch's step (prompts at {config.input.context_length} tokens): min {min(times) * 1e3:.1f} ms, "
+          f"median {np.median(times) * 1e3:.1f} ms; self time {sum(ms.values()):.1f} ms per step")
+    print(f"  products ({', '.join(op[6:] for op in TORCH_PRODUCTS)}): {product_ms:.2f} ms/step, "
+          f"{gflop / product_ms * 1e3:.0f} GFLOP/s on the analytic count ({gflop:.4g} GFLOP/step)")
+    print(f"PyTorch's self time by op (top {FLAGS.top}):\n  {'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
+    for op, t in ms.most_common(FLAGS.top):
+      print(f"  {t:>8.2f} {t / sum(ms.values()):>6.1%} {calls[op]:>10.0f}  {op}")
 
 
 if __name__ == "__main__":

@@ -142,9 +142,10 @@ def test_op_profile_reads_each_products_flops_and_dtypes_from_the_compiled_hlo()
 
 def test_op_profile_traces_the_step_and_its_products_match_the_analytic_count():
   """The tool runs end to end; the products it finds in the HLO and in the trace add up to the model's
-  analytic FLOP count (models/flops.py), which checks both."""
+  analytic FLOP count (models/flops.py), which checks both. --torch_profile adds PyTorch's step, whose
+  ops' self times add up to about its step time and whose products are among its top ops."""
   cmd = [sys.executable, "-m", "benchmarks.op_profile", "--config=configs/tiny.py", "--batch_size=2",
-         "--dtype=float32", "--steps=2", "--top=5"]
+         "--dtype=float32", "--steps=2", "--top=5", "--torch_profile"]
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   line = next(l for l in res.stdout.splitlines() if "all products:" in l)
@@ -152,6 +153,18 @@ def test_op_profile_traces_the_step_and_its_products_match_the_analytic_count():
   assert abs(traced / analytic - 1) < 0.03 and abs(program / analytic - 1) < 0.03, line
   rows = [l.split() for l in res.stdout.splitlines() if l.strip().startswith(("YNNPACK", "XLA"))]
   assert rows and all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows), res.stdout
+  step = re.search(r"PyTorch's step .*: min ([\d.]+) ms, median ([\d.]+) ms; self time ([\d.]+) ms", res.stdout)
+  assert step, res.stdout
+  fastest, median, self_ms = map(float, step.groups())
+  # Profiling adds overhead per op; a unit slip (us for ms) would be off by 1000x.
+  assert 0 < fastest <= median and 0.5 * fastest < self_ms < 5 * median, step.group(0)
+  products = re.search(r"products \(mm, .*\): ([\d.]+) ms/step, (\d+) GFLOP/s on the analytic count "
+                       r"\(([\d.]+) GFLOP/step\)", res.stdout)
+  assert products and 0 < float(products.group(1)) < self_ms and float(products.group(2)) > 0, res.stdout
+  # The tiny config's prompts run at the context length on both sides: the same analytic count.
+  assert abs(float(products.group(3)) / analytic - 1) < 0.01, (products.group(0), analytic)
+  top = res.stdout.split("PyTorch's self time by op")[1].splitlines()[2:7]
+  assert len(top) == 5 and any(op in l for l in top for op in ("aten::mm", "aten::addmm", "aten::bmm")), top
 
 
 def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
