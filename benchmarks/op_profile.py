@@ -123,17 +123,18 @@ def main(argv):
     shapes = "; ".join(f"{list(p.lhs)} x {list(p.rhs)}, {p.dtypes}" for p in op.products)
     print(f"  {ns / steps / 1e6:>8.2f} {rate}  {name}" + (f"  [{shapes}]" if shapes else ""))
   if reference:
-    times, ms, calls = reference
+    torch_times, ms, calls = reference
+    total_ms = sum(ms.values())
     gflop = flops.train_step_flops(config.model, config.input.context_length, FLAGS.prompts,
                                    FLAGS.batch_size) * FLAGS.batch_size / 1e9
     product_ms = sum(ms[op] for op in TORCH_PRODUCTS)
-    print(f"PyTorch's step (prompts at {config.input.context_length} tokens): min {min(times) * 1e3:.1f} ms, "
-          f"median {np.median(times) * 1e3:.1f} ms; self time {sum(ms.values()):.1f} ms per step")
+    print(f"PyTorch's step (prompts at {config.input.context_length} tokens): min {min(torch_times) * 1e3:.1f} ms, "
+          f"median {np.median(torch_times) * 1e3:.1f} ms; self time {total_ms:.1f} ms per step")
     print(f"  products ({', '.join(op[6:] for op in TORCH_PRODUCTS)}): {product_ms:.2f} ms/step, "
           f"{gflop / product_ms * 1e3:.0f} GFLOP/s on the analytic count ({gflop:.4g} GFLOP/step)")
     print(f"PyTorch's self time by op (top {FLAGS.top}):\n  {'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
     for op, t in ms.most_common(FLAGS.top):
-      print(f"  {t:>8.2f} {t / sum(ms.values()):>6.1%} {calls[op]:>10.0f}  {op}")
+      print(f"  {t:>8.2f} {t / total_ms:>6.1%} {calls[op]:>10.0f}  {op}")
 
 
 if __name__ == "__main__":
