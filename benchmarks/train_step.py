@@ -6,10 +6,11 @@
 One step = forward of both towers on the image batch and the caption + K prompts per image, the
 contrastive and multi-label losses, backward, AdamW update (gradient clipping included). The PyTorch
 side runs the same computation with the same dimensions, batch and threads, its AdamW as the fused
-kernel (--torch_adamw); the two are timed alternately so machine noise hits both. FLOPs are the analytic count of the model's matrix products
-(groupvit_jax/models/flops.py, x3 for forward + backward); XLA's cost analysis of our compiled step
-(which also counts elementwise work) is printed next to it. MFU = achieved analytic FLOP/s over
---peak_tflops (or the table below for known accelerators). Peak host memory is the process's max RSS.
+kernel (--torch_adamw); the two are timed alternately so machine noise hits both. FLOPs are the
+analytic count of the model's matrix products (groupvit_jax/models/flops.py, x3 for forward +
+backward); XLA's cost analysis of our compiled step (which also counts elementwise work) is printed
+next to it. MFU = achieved analytic FLOP/s over --peak_tflops (or the table below for known
+accelerators). Peak host memory is the process's max RSS.
 bfloat16 rows: ours computes in bf16 over fp32 parameters (softmaxes in fp32), PyTorch runs the same
 step under torch.autocast(device, torch.bfloat16) (matmuls in bf16, softmax and norms in fp32).
 On a GPU, PyTorch runs on CUDA too (eager, as the official code) and MFU is against the peak table;
