@@ -5,14 +5,18 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 # XLA:CPU steps otherwise spend up to a third of their time faulting fresh buffers in
 # (groupvit_jax/launching.py, cpu_malloc_env; README, Benchmarks): jemalloc without page purging where
 # it is installed (apt install libjemalloc2; JEMALLOC= turns it off), and huge pages for glibc malloc.
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# The settings themselves are launching.py's constants (read as text: nothing is installed yet).
+launching_constant = $(shell sed -n 's/^$(1) = "\(.*\)"$$/\1/p' groupvit_jax/launching.py)
+CPU_MALLOC_TUNABLES := $(call launching_constant,CPU_MALLOC_TUNABLES)
+JEMALLOC_CONF := $(call launching_constant,JEMALLOC_CONF)
+export GLIBC_TUNABLES ?= $(CPU_MALLOC_TUNABLES)
 JEMALLOC ?= $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")' 2>/dev/null)
 JEMALLOC := $(JEMALLOC)
 ifneq ($(JEMALLOC),)
 ifeq ($(findstring jemalloc,$(LD_PRELOAD)),)
 export LD_PRELOAD := $(strip $(LD_PRELOAD) $(JEMALLOC))
 endif
-export MALLOC_CONF ?= dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0
+export MALLOC_CONF ?= $(JEMALLOC_CONF)
 endif
 
 .PHONY: install install-core demo test bench
