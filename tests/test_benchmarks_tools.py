@@ -156,8 +156,10 @@ def test_op_profile_traces_the_step_and_its_products_match_the_analytic_count():
   step = re.search(r"PyTorch's step .*: min ([\d.]+) ms, median ([\d.]+) ms; self time ([\d.]+) ms", res.stdout)
   assert step, res.stdout
   fastest, median, self_ms = map(float, step.groups())
-  # Profiling adds overhead per op; a unit slip (us for ms) would be off by 1000x.
-  assert 0 < fastest <= median and 0.5 * fastest < self_ms < 5 * median, step.group(0)
+  # Profiling adds overhead per op, and beside another test process PyTorch's threads wait outside its
+  # ops (a 307 ms step with 86 ms of self time, against 12.6 / 11.0 alone); a unit slip (us for ms)
+  # would be off by 1000x.
+  assert 0 < fastest <= median and 0.05 * fastest < self_ms < 20 * median, step.group(0)
   products = re.search(r"products \(mm, .*\): ([\d.]+) ms/step, (\d+) GFLOP/s on the analytic count "
                        r"\(([\d.]+) GFLOP/step\)", res.stdout)
   assert products and 0 < float(products.group(1)) < self_ms and float(products.group(2)) > 0, res.stdout
