@@ -130,7 +130,7 @@ def main(argv):
     product_ms = sum(ms[op] for op in TORCH_PRODUCTS)
     print(f"PyTorch's step (prompts at {config.input.context_length} tokens): min {min(torch_times) * 1e3:.1f} ms, "
           f"median {np.median(torch_times) * 1e3:.1f} ms; self time {total_ms:.1f} ms per step")
-    print(f"  products ({', '.join(op[6:] for op in TORCH_PRODUCTS)}): {product_ms:.2f} ms/step, "
+    print(f"  products ({', '.join(op.removeprefix('aten::') for op in TORCH_PRODUCTS)}): {product_ms:.2f} ms/step, "
           f"{gflop / product_ms * 1e3:.1f} GFLOP/s on the analytic count ({gflop:.4g} GFLOP/step)")
     print(f"PyTorch's self time by op (top {FLAGS.top}):\n  {'ms/step':>8} {'share':>6} {'calls/step':>10}  op")
     for op, t in ms.most_common(FLAGS.top):
