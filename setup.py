@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "regex==2026.5.9",
     "safetensors==0.8.0",
     "importlib-resources==7.1.0",  # tensorflow-datasets 4.9.10 imports it without requiring it.
+    "scikit-image==0.26.0",  # Felzenszwalb superpixels (the superpixels pp op).
     "textblob==0.20.1",  # offline POS tagger: builds the noun lexicon, precomputes nouns in shard conversion.
 ]
 
@@ -44,7 +45,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["groupvit_jax", "groupvit_jax.*"]),
-    package_data={"groupvit_jax": ["pp/assets/*"]},
+    package_data={"groupvit_jax": ["pp/assets/*", "cpu_allocator.env"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",

@@ -16,7 +16,7 @@ kernel gets some fraction of it. The free step computes nonsense (its loss is no
 its time is read. Each row also prints the batched products' MFLOPs in both compiled steps (from their
 HLO): what is left in the free step is the grouping blocks' assignment products, which it keeps.
 float32 rows run the heads-major core too, which the real float32 step does not use
-(it takes the same time within ~2 %: benchmarks/HISTORY.md, session 15).
+(it takes the same time within ~2 %).
 """
 
 import contextlib
@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import profiling
 from benchmarks import train_step
-from groupvit_jax import launching
+from groupvit_jax import cpu_env
 from groupvit_jax.models import layers
 
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -85,7 +85,7 @@ def main(argv):
   del argv
   config = train_step.load_config()
   print(f"device: {jax.devices()[0].device_kind}, config {FLAGS.config}, batch {FLAGS.batch_size}, "
-        f"malloc {launching.malloc_in_use()}, {FLAGS.rounds} rounds of {FLAGS.steps} steps")
+        f"malloc {cpu_env.malloc_in_use()}, {FLAGS.rounds} rounds of {FLAGS.steps} steps")
   print(f"{'dtype':>9} {'real ms':>8} {'free ms':>8} {'real/free':>10} {'batched MFLOP real':>19} {'free':>9}")
   for dtype in FLAGS.dtypes:
     start = time.perf_counter()

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run, for a session lent a GPU machine (the `device` tool, ~15 minutes
-# of device time in all): model parity on the GPU, then GroupViT-S train-step throughput and MFU against
-# HF transformers' GroupViTModel on the same GPU (eager PyTorch, CUDA), and a profile trace per bf16 row.
+# The GPU checks as one run: model parity on the GPU, then GroupViT-S train-step throughput and MFU
+# against HF transformers' GroupViTModel on the same GPU (eager PyTorch, CUDA), and a profile trace per
+# bf16 row.
 #
-# The lent image has jax, flax, optax, torch and transformers (its own versions, not our pins) but not
-# ml-collections (a pure-Python wheel), so carry it; flax and optax at our pins travel as a fallback,
-# installed only when the model does not build with the image's. Here, once, in the repository root:
-#   echo /.whl/ >> .git/info/exclude
+# For a GPU image that has jax, flax, optax, torch and transformers but not ml-collections (a pure-Python
+# wheel): wheels placed in .whl/ are installed first, and flax and optax at our pins in .whl/fallback/
+# are installed only when the model does not build with the image's. To fetch them, in the repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl/fallback flax==0.12.8 optax==0.2.8
-# then one call: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=540).
 # What it prints also lands in $OUT (parity.txt, bench_bf16.txt, bench_fp32.txt, bench_bf16_cudnn.txt and
 # b<batch>_bfloat16.xplane.pb.gz: jax.profiler traces, read with jax.profiler.ProfileData). On a CPU the
 # same script runs with CONFIG=configs/tiny.py BF16_BATCH_SIZES=4 FP32_BATCH_SIZES=4 CUDNN_BATCH_SIZES=.

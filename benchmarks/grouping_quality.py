@@ -15,7 +15,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from groupvit_jax import config_lib, demo, evaluate
+from groupvit_jax import checkpoint, config_lib, demo
 from groupvit_jax.evaluators import miou, seg_datasets
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter
 from groupvit_jax.models import build_model, random_variables
@@ -47,7 +47,7 @@ def main(argv):
     variables = random_variables(model, config.model, jax.random.key(0))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   else:
-    variables = evaluate.load_checkpoint_variables(FLAGS.workdir, config.model)
+    variables = checkpoint.load_model_variables(FLAGS.workdir, config.model)
   if FLAGS.data is None:  # the demo's own held-out split (written if missing)
     ev = demo.heldout_evals(config, demo.heldout_root(config, FLAGS.images), FLAGS.images, FLAGS.bg_threshold)["heldout"]
   else:

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from benchmarks import profiling, train_step
-from groupvit_jax import launching
+from groupvit_jax import cpu_env
 from groupvit_jax.models import flops
 
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
@@ -87,12 +87,12 @@ def main(argv):
   config = train_step.load_config()
   steps = FLAGS.steps
   # PyTorch's first: its bf16 steps fault more once XLA's have run in the process, ours not the other
-  # way round (benchmarks/HISTORY.md, session 31).
+  # way round (page faults under the jemalloc setting, measured with perf).
   reference = torch_profile(config, FLAGS.batch_size, FLAGS.dtype, steps) if FLAGS.torch_profile else None
   start = time.perf_counter()
   ops, trace, times = profile(config, FLAGS.batch_size, FLAGS.dtype, steps, FLAGS.trace_dir)
   print(f"device: {device.device_kind}, config {FLAGS.config}, batch {FLAGS.batch_size}, {FLAGS.dtype}, "
-        f"malloc {launching.malloc_in_use()} ({time.perf_counter() - start:.0f} s to compile and trace)")
+        f"malloc {cpu_env.malloc_in_use()} ({time.perf_counter() - start:.0f} s to compile and trace)")
   op_ms = sum(trace.ns.values()) / steps / 1e6
   span = sum(trace.in_flight.values())
   print(f"step: min {min(times) * 1e3:.1f} ms, median {np.median(times) * 1e3:.1f} ms over {steps} steps; "

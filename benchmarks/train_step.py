@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from groupvit_jax import config_lib, launching, optim, sharding, train_state
+from groupvit_jax import config_lib, cpu_env, optim, sharding, train_state
 from groupvit_jax.models import build_model, flops, random_variables
 
 flags.DEFINE_string("config", "configs/tiny.py", "Model config.")
@@ -49,7 +49,7 @@ flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: the table
 flags.DEFINE_bool("torch", True, "Also time HF transformers' GroupViTModel.")
 flags.DEFINE_enum("torch_adamw", "fused", ["fused", "default"], "PyTorch's AdamW: its fused kernel (the fastest "
                   "on CPU and GPU) or torch.optim.AdamW's defaults (a loop over the parameters on CPU: GroupViT-S "
-                  "~2-3x the fused update's time; the reference before session 30).")
+                  "~2-3x the fused update's time).")
 flags.DEFINE_bool("forward", True, "Also time the eval-mode forward pass (ours vs PyTorch).")
 flags.DEFINE_bool("towers", False, "Also time each tower's forward and forward + backward alone (where the "
                   "step's time goes, ours vs PyTorch).")
@@ -373,7 +373,7 @@ def tower_runs(config, b, dtype, rng):
 def alternating_rounds(runs, rounds: int, steps: int) -> list[list[float]]:
   """Times each of `runs` (run(n) -> seconds for n steps) for `steps` steps per round, after one
   untimed step, in an order reversed every other round: of two identical XLA steps timed one after
-  the other, the second read up to ~1.5 % faster (benchmarks/HISTORY.md, session 29). Returns each
+  the other, the second read up to ~1.5 % faster. Returns each
   run's seconds per round."""
   times = [[] for _ in runs]
   order = list(range(len(runs)))
@@ -434,10 +434,10 @@ def main(argv):
     import torch  # pylint: disable=g-import-not-at-top
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 rows: TF32 products on both sides, as XLA's default
     print(f"PyTorch {torch.__version__} on {_torch_device()} (eager; float32 rows with TF32 products)")
-  allocator = launching.malloc_in_use()
+  allocator = cpu_env.malloc_in_use()
   setting = "MALLOC_CONF" if allocator == "jemalloc" else "GLIBC_TUNABLES"
   print(f"malloc: {allocator}, {setting}={os.environ.get(setting, '(unset)')} (both frameworks, one process)"
-        + (f"; {hint}" if (hint := launching.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
+        + (f"; {hint}" if (hint := cpu_env.cpu_malloc_hint(allocator)) and device.platform == "cpu" else ""))
   if FLAGS.torch:
     print(f"PyTorch's optimizer: AdamW ({FLAGS.torch_adamw}), gradient clipping by global norm")
   print(f"{'batch':>6} {'dtype':>9} {'ours img/s':>11} {'torch img/s':>12} {'ratio':>6} {'GFLOP/img':>10} "

@@ -24,28 +24,35 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(
       arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
       stages=2, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
-      world="")
+      world="", groups1=16, groups2=8, recon=0.0, mask=0.0, recon_dim=64, recon_depth=1, norm_pix=0,
+      superpixels=0.0, seed=0, assign_scale=0.0)
   config = config_lib.training_defaults()
   model = config_lib.groupvit_s_model()
   if arg.stages == 2:
-    grouping = dict(depths=(2, 2, 1), num_heads=(4, 4, 4), num_group_tokens=(16, 8, 0), num_output_groups=(16, 8))
+    grouping = dict(depths=(2, 2, 1), num_heads=(4, 4, 4), num_group_tokens=(arg.groups1, arg.groups2, 0),
+                    num_output_groups=(arg.groups1, arg.groups2))
   elif arg.stages == 0:  # a plain ViT: segmentation by patch-text similarity
     grouping = dict(depths=(5,), num_heads=(4,), num_group_tokens=(0,), num_output_groups=())
   elif arg.stages == 1:
-    grouping = dict(depths=(4, 1), num_heads=(4, 4), num_group_tokens=(8, 0), num_output_groups=(8,))
+    grouping = dict(depths=(4, 1), num_heads=(4, 4), num_group_tokens=(arg.groups2, 0), num_output_groups=(arg.groups2,))
   else:
     raise ValueError(f"configs/demo.py: stages must be 0, 1 or 2, got {arg.stages}")
   model.image.update(image_size=arg.size, patch_size=arg.patch, dim=arg.dim, drop_path_rate=0.0,
-                     hard_assignment=bool(arg.hard), **grouping)
+                     hard_assignment=bool(arg.hard), assign_scale=arg.assign_scale or None, **grouping)
   model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
   model.update(projection_dim=64, projection_hidden_dim=256)
+  if arg.recon:
+    model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4, mask_ratio=arg.mask)
   config.model = model
   crop = f"random_resized_crop({arg.size}, scale=({arg.crop}, 1.0))|" if arg.crop < 1 else ""
+  superpixels = f"superpixels({arg.patch})|" if arg.superpixels else ""
   config.input.update(
       data=[dict(kind="shapes", config=arg.world or f"coded{arg.size}", split="train", data_dir=arg.data_dir)],
-      pp=f"decode|{crop}flip|normalize|nouns|prompts(3, templates={arg.templates!r})",
+      pp=f"decode|{crop}flip|{superpixels}normalize|nouns|prompts(3, templates={arg.templates!r})",
       context_length=16, batch_size=arg.batch, num_examples=50_000)
-  config.loss.multi_label_weight = float(arg.multi_label)
+  config.seed = arg.seed
+  config.loss.update(multi_label_weight=float(arg.multi_label), reconstruction_weight=arg.recon,
+                     reconstruction_norm_pix=bool(arg.norm_pix), superpixel_weight=arg.superpixels)
   config.total_epochs = None
   config.warmup_epochs = None
   config.total_steps = arg.steps

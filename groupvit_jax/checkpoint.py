@@ -1,4 +1,4 @@
-"""Orbax checkpoints of model variables (imported weights; the trainer's state builds on this)."""
+"""Orbax checkpoints: model variables (imported weights), the trainer's state, and reading either back."""
 
 import os
 from typing import Any, Mapping
@@ -63,14 +63,14 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: Any, data: dict[str, Any], force: bool = False) -> bool:
     """Saves when the period says so (or `force`); returns whether a save started."""
-    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    return self.manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)},
                                                            data=ocp.args.JsonSave(data)), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the state onto `abstract_state`'s shapes and shardings, and the data JSON."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+        **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}, data=ocp.args.JsonRestore()))
+    return restored[STATE_ITEM], restored["data"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -78,3 +78,27 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# A training workdir keeps its checkpoints here, each step's train state under the item `state`.
+CHECKPOINTS = "checkpoints"
+STATE_ITEM = "state"
+
+
+def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
+  """`{"params", "batch_stats"}` of a converted checkpoint (`save_variables`) or of a training workdir's
+  latest checkpoint, for the model `model_config` (`config.model`) describes."""
+  ckpts = os.path.join(path, CHECKPOINTS)
+  if not os.path.isdir(ckpts):
+    from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
+    return load_variables(path, nn.unbox(variables_template(model_config)))
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"{ckpts}: no finished checkpoint")
+  state_dir = os.path.join(ckpts, str(steps[-1]), STATE_ITEM)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.abspath(state_dir))
+  except Exception as e:  # Orbax raises many types; the path is what the user needs.
+    raise ValueError(f"{state_dir}: not a readable training checkpoint ({type(e).__name__})") from None
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}

@@ -1,6 +1,7 @@
 """Config helpers: the paper's model definition and loading `file.py:arg` config specs."""
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -22,6 +23,7 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
           hard_assignment=True,  # False: soft assignment, no gumbel noise.
           gumbel_tau=1.0,
           assign_eps=1.0,
+          assign_scale=None,  # the assignment logits' scale; None: dim**-0.5, as the reference
       ),
       text=dict(
           context_length=77,
@@ -39,6 +41,8 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
       # The image tower's attention: "xla", or "cudnn" (NVIDIA GPUs in bf16/fp16: cuDNN's fused kernel).
       attention="xla",
       image_splits=1,  # one CPU device: the image tower on this many independent parts of the batch
+      # The decoder that redraws patches from the final groups (loss.reconstruction_weight); dim 0: none.
+      reconstruction=dict(dim=0, depth=1, num_heads=4, mask_ratio=0.0),
   ))
 
 
@@ -53,15 +57,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
+def load_module(path: str, what: str = "config file"):
+  """Executes a Python file (a config or sweep file) as a module and returns it."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("_groupvit_" + what.split()[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("_groupvit_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return load_module(path).get_config(arg or None)
 
 
 def training_defaults() -> ml_collections.ConfigDict:
@@ -70,6 +79,9 @@ def training_defaults() -> ml_collections.ConfigDict:
       seed=0,
       input=dict(
           data=[],  # sources, see groupvit_jax/datasets/sources.py
+          # The sources as a JSON list, replacing `data` when set: the form a command line can override
+          # (--config.input.data_json='[{"kind": "tfrecord", "patterns": ["gs://B/cc12m/*.tfrecord"]}]').
+          data_json="",
           pp="random_resized_crop(224)|flip|normalize|nouns|prompts(3)",
           tokenizer="clip_bpe",  # or "sentencepiece:/path/sp.model"
           context_length=77,
@@ -94,7 +106,14 @@ def training_defaults() -> ml_collections.ConfigDict:
           grad_accum_steps=1,
           bf16_moments=False,
       ),
-      loss=dict(multi_label_weight=1.0),
+      loss=dict(
+          multi_label_weight=1.0,
+          # Grouping losses (SegCLIP's), off in the paper's recipe. Reconstruction of the patches from the
+          # final groups (decoder: model.reconstruction); `reconstruction_norm_pix`: targets normalised per patch.
+          reconstruction_weight=0.0, reconstruction_norm_pix=False,
+          # Superpixel consistency: needs the `superpixels` pp op; on the first stage's and the chained map.
+          superpixel_weight=0.0,
+      ),
       mesh=dict(data=-1, fsdp=1, model=1),
       log_every=50,
       checkpoint_every=1000,
@@ -103,6 +122,22 @@ def training_defaults() -> ml_collections.ConfigDict:
       evals={},  # name -> evaluator config, see groupvit_jax/evaluators
       init_from="",  # an imported checkpoint (models/convert.py) to start from
   ))
+
+
+def resolve_data(config: ml_collections.ConfigDict) -> None:
+  """Replaces `config.input.data` by the sources `config.input.data_json` lists, when it is set."""
+  text = config.input.get("data_json")
+  if not text:
+    return
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"input.data_json is not valid JSON ({e.msg} at character {e.pos}): {text[:80]!r}") from None
+  if not isinstance(data, list) or not data or not all(isinstance(d, dict) and "kind" in d for d in data):
+    raise ValueError(f"input.data_json must be a non-empty JSON list of sources with a \"kind\" each, "
+                     f"e.g. '[{{\"kind\": \"tfrecord\", \"patterns\": [\"shards/*.tfrecord\"]}}]'; got {text[:80]!r}")
+  config.input.data = data
+  config.input.data_json = ""
 
 
 def steps(config: ml_collections.ConfigDict, prefix: str) -> int:
@@ -145,6 +180,12 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_
   if prompt_length is not None and not 2 <= prompt_length <= config.input.context_length:
     raise ValueError(f"input.prompt_length {prompt_length}: expected None or 2..input.context_length "
                      f"({config.input.context_length})")
+  if config.loss.get("reconstruction_weight", 0) and not m.get("reconstruction", {}).get("dim"):
+    raise ValueError("loss.reconstruction_weight > 0 needs a decoder: set model.reconstruction.dim > 0")
+  if m.get("reconstruction", {}).get("dim") and not 0 <= m.reconstruction.mask_ratio < 1:
+    raise ValueError(f"model.reconstruction.mask_ratio {m.reconstruction.mask_ratio}: expected 0 <= ratio < 1")
+  if config.loss.get("superpixel_weight", 0) and "superpixels" not in config.input.pp:
+    raise ValueError(f"loss.superpixel_weight > 0 needs the superpixels pp op in input.pp ({config.input.pp!r})")
   batch = config.input.batch_size
   if batch % num_processes:
     raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")

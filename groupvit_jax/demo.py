@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from groupvit_jax import evaluate, train
+from groupvit_jax import train
+from groupvit_jax.evaluators import segmentation
 from groupvit_jax.datasets import shapes, shapes_tfds, sources
 from groupvit_jax.models import build_model, random_variables
 
@@ -82,7 +83,7 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5)
   train_minutes = (time.time() - train_start) / 60
   curve = [(0.0, 0, untrained["mIoU"])] + _curve(workdir)
   final = _load_eval(workdir, config.total_steps)
-  print(evaluate.format_table(final))
+  print(segmentation.format_table(final))
   print(f"[demo] held-out mIoU {final['mIoU']:.1f}, mAcc {final['mAcc']:.1f} (untrained: {untrained['mIoU']:.1f}, "
         f"{untrained['mAcc']:.1f}) after {config.total_steps} steps, "
         f"{train_minutes:.1f} min of training ({(time.time() - start) / 60:.1f} min in all)")
@@ -107,7 +108,7 @@ def untrained_result(config, workdir: str) -> dict[str, float]:
   variables = random_variables(model, config.model, jax.random.key(config.seed))
   ev = dict(config.evals["heldout"])
   del ev["kind"]
-  evaluator = evaluate.SegmentationEvaluator(model, config, workdir, **ev)
+  evaluator = segmentation.SegmentationEvaluator(model, config, workdir, **ev)
   return evaluator.run(types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"],
                                              step=0))
 
@@ -119,8 +120,10 @@ def _progress_printer(total_steps: int, start: float):
     eta = (total_steps - step) / max(rate, 1e-9)
     extra = f"  held-out mIoU {scalars['heldout/mIoU']:.1f}" if "heldout/mIoU" in scalars else ""
     loss = f"loss {scalars['loss']:.3f}  " if "loss" in scalars else ""
+    stages = sorted(k for k in scalars if k.startswith("grouping/") and k.endswith("_groups"))
+    groups = "  groups/image " + " / ".join(f"{scalars[k]:.1f}" for k in stages) if stages else ""
     print(f"[demo] step {step:5d}/{total_steps}  {loss}{rate:.1f} steps/s  "
-          f"elapsed {elapsed / 60:.1f} min  ETA {eta / 60:.1f} min{extra}", flush=True)
+          f"elapsed {elapsed / 60:.1f} min  ETA {eta / 60:.1f} min{groups}{extra}", flush=True)
   return show
 
 

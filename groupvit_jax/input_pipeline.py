@@ -136,9 +136,9 @@ def build_train_dataset(config: Any, *, tokenizer, seed: int, batch_size: int, s
 class DataIterator:
   """Numpy batches with the stream position and bad-sample counters.
 
-  `position` is what a checkpoint stores; `skipped` counts examples dropped since `start_index`,
-  `no_nouns` captions whose prompts are all the caption itself, `prompts_cut` noun prompts longer
-  than `prompt_length` (cut to it, EOT last).
+  `position` is what a checkpoint stores, with the running counters (`running_totals`, from which a
+  resumed iterator continues): `skipped` counts examples dropped, `no_nouns` captions whose prompts are
+  all the caption itself, `prompts_cut` noun prompts longer than `prompt_length` (cut to it, EOT last).
   """
   dataset: tf.data.Dataset
   start_index: int = 0
@@ -164,6 +164,10 @@ class DataIterator:
     self.no_nouns += int(batch.pop("no_nouns", np.zeros(0)).sum())
     self.prompts_cut += int(batch.pop("prompts_cut", 0))
     return batch
+
+  def running_totals(self) -> dict[str, int]:
+    """The counters a checkpoint keeps (constructor arguments of a resumed iterator)."""
+    return {"skipped": self.skipped, "no_nouns": self.no_nouns, "prompts_cut": self.prompts_cut}
 
   def counters(self) -> dict[str, int]:
     return {"data/skipped_examples": self.skipped, "data/no_noun_captions": self.no_nouns,

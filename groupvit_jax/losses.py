@@ -1,4 +1,5 @@
-"""Image-text contrastive and multi-label contrastive losses over the global batch.
+"""The training losses: image-text contrastive and multi-label contrastive over the global batch, and the
+grouping losses (reconstruction from groups, superpixel consistency) with the grouping diagnostics.
 
 Under jit, the embeddings are global (sharded) arrays, so every caption of every host is a negative:
 XLA inserts the gathers the reference does by hand with all_gather.
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from groupvit_jax.models.groupvit import l2_normalize
+from groupvit_jax.models.reconstruction import chain_assignments, patchify
 
 
 def contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array) -> jax.Array:
@@ -46,3 +48,53 @@ def multi_label_loss(image_embeds: jax.Array, prompt_embeds: jax.Array, logit_sc
   per_img = optax.softmax_cross_entropy(logits, targets_img)
   per_prompt = optax.softmax_cross_entropy_with_integer_labels(logits.T, owner)
   return 0.5 * (per_img.mean() + per_prompt.mean())
+
+
+def reconstruction_loss(pred: jax.Array, images: jax.Array, patch_size: int, weights: jax.Array,
+                        norm_pix: bool = False) -> jax.Array:
+  """Mean squared error of predicted patch pixels, averaged over the scored patches.
+
+  Args:
+    pred: `[batch, patches, patch_size * patch_size * 3]` predicted (normalised) pixels.
+    images: `[batch, h, w, 3]` the (normalised) images they redraw.
+    weights: `[batch, patches]` 1 for a scored patch, 0 otherwise (MAE scores the dropped ones).
+    norm_pix: targets normalised per patch (mean 0, variance 1), as MAE's norm_pix_loss.
+  """
+  target = patchify(images.astype(jnp.float32), patch_size)
+  if norm_pix:
+    mean = target.mean(axis=-1, keepdims=True)
+    target = (target - mean) * jax.lax.rsqrt(target.var(axis=-1, keepdims=True) + 1e-6)
+  per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+  return jnp.sum(per_patch * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def superpixel_kl(assign: jax.Array, superpixels: jax.Array) -> jax.Array:
+  """SegCLIP's superpixel consistency: patches of one superpixel should pick the same group.
+
+  Each patch's assignment is compared with the mean assignment of its superpixel's patches, both taken
+  through a softmax over the groups, by the symmetric KL divergence summed over batch, patches and
+  groups and divided by their product (the reference's `use_seglabel` branch).
+
+  Args:
+    assign: `[batch, patches, groups]` each patch's assignment (straight-through one-hot in training).
+    superpixels: `[batch, patches]` integer superpixel id of each patch.
+  """
+  assign = assign.astype(jnp.float32)
+  same = (superpixels[:, :, None] == superpixels[:, None, :]).astype(jnp.float32)
+  mean = jnp.einsum("bpq,bqg->bpg", same, assign) / jnp.maximum(same.sum(axis=-1, keepdims=True), 1.0)
+  log_a, log_m = jax.nn.log_softmax(assign, axis=-1), jax.nn.log_softmax(mean, axis=-1)
+  kl_m_a = jnp.sum(jnp.exp(log_m) * (log_m - log_a))
+  kl_a_m = jnp.sum(jnp.exp(log_a) * (log_a - log_m))
+  return 0.5 * (kl_m_a + kl_a_m) / assign.size
+
+
+def grouping_diagnostics(assignments: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """Per grouping stage: groups in use per image (groups holding at least one patch through the chained
+  hard maps) and the mean entropy of a token's soft assignment (nats; log(groups) is uniform)."""
+  out = {}
+  chained = chain_assignments([jax.lax.stop_gradient(m["hard"]) for m in assignments])
+  for s, (c, maps) in enumerate(zip(chained, assignments)):
+    out[f"grouping/stage{s + 1}_groups"] = jnp.mean(jnp.sum(c.sum(axis=1) > 0.5, axis=-1).astype(jnp.float32))
+    soft = jax.lax.stop_gradient(maps["soft"]).astype(jnp.float32)
+    out[f"grouping/stage{s + 1}_entropy"] = jnp.mean(-jnp.sum(soft * jnp.log(soft + 1e-12), axis=1))
+  return out

@@ -11,16 +11,18 @@ the background threshold stay uncoloured; --bg_threshold=0 assigns every pixel a
 import os
 
 from absl import app, flags
+from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from groupvit_jax import config_lib, viz
-from groupvit_jax.evaluate import load_checkpoint_variables
+from groupvit_jax import checkpoint, viz
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter
 from groupvit_jax.models import build_model
 from groupvit_jax.pp import tokenizers
 
-flags.DEFINE_string("config", None, "Config file of the checkpoint's model.", required=True)
+config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]) of the checkpoint's model; fields "
+                                "can be overridden (--config.model.dtype=bfloat16).", lock_config=False)
+flags.mark_flag_as_required("config")
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training workdir.", required=True)
 flags.DEFINE_string("image", None, "The image to segment.", required=True)
 flags.DEFINE_list("classes", None, "Comma-separated class names.", required=True)
@@ -40,9 +42,9 @@ def main(argv):
   classes = [c.strip() for c in f.classes if c.strip()]
   if not classes:
     raise app.UsageError("--classes needs at least one name")
-  config = config_lib.load_config(f.config)
+  config = f.config
   model = build_model(config.model)
-  variables = load_checkpoint_variables(f.checkpoint, config)
+  variables = checkpoint.load_model_variables(f.checkpoint, config.model)
   bg = f.bg_threshold if f.bg_threshold > 0 else None
   segmenter = ZeroShotSegmenter(model, variables, classes, tokenizers.get_tokenizer(config.input.tokenizer),
                                 patch_size=config.model.image.patch_size, context_length=config.input.context_length,

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from groupvit_jax import checkpoint as checkpoint_lib
-from groupvit_jax import config_lib, evaluators, input_pipeline, launching, optim, sharding
+from groupvit_jax import config_lib, cpu_env, evaluators, input_pipeline, optim, sharding
 from groupvit_jax.datasets import sources
 from groupvit_jax.models import build_model
 from groupvit_jax.train_state import init_sharded_state, make_train_step
@@ -37,10 +37,19 @@ from groupvit_jax.train_state import init_sharded_state, make_train_step
 class MetricsLog:
   """TensorBoard/console via clu, plus `metrics.jsonl` (one line per logged step) on process 0."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resumed_step: int = 0):
+    """`resumed_step`: the step a resumed run restarts from; rows logged after it by the interrupted run
+    are dropped, so every step appears once (TensorBoard drops them itself on the step going back)."""
     self.primary = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary, asynchronous=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if self.primary and resumed_step and os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [line for line in f if line.strip() and _row_step(line) is not None and _row_step(line) <= resumed_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(rows)
+      os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self.writer.write_scalars(step, scalars)
@@ -53,12 +62,40 @@ class MetricsLog:
     self.writer.close()
 
 
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None  # a line cut by a crash
+
+
 def check_finite(step: int, metrics: dict[str, float], last_good: int | None) -> None:
   """Stops the run on NaN/Inf, naming the step and the metric."""
   for name, value in metrics.items():
     if not np.isfinite(value):
       raise FloatingPointError(f"step {step}: {name} is {value}; stopping. The last good checkpoint is "
                                f"step {last_good} (non-finite states are never saved).")
+
+
+class CollapseWatch:
+  """Warns when a grouping stage's groups in use fall to about one per image (the grouping collapsed),
+  once until it recovers."""
+
+  def __init__(self, threshold: float = 1.1):
+    self.threshold = threshold
+    self.collapsed: set[str] = set()
+
+  def check(self, step: int, scalars: dict[str, float]) -> None:
+    for name, value in scalars.items():
+      if not (name.startswith("grouping/") and name.endswith("_groups")):
+        continue
+      if value < self.threshold and name not in self.collapsed:
+        self.collapsed.add(name)
+        stage = name.removeprefix("grouping/").removesuffix("_groups")
+        logging.warning("step %d: %s uses %.2f groups per image: its grouping has collapsed (every patch in "
+                        "one group)", step, stage, value)
+      elif value >= self.threshold:
+        self.collapsed.discard(name)
 
 
 class Preemption:
@@ -113,10 +150,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
   ckpt = checkpoint_lib.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                           config.keep_checkpoints)
   positions = [0] * jax.process_count()
+  counters = [{}] * jax.process_count()
   if ckpt.latest_step() is not None:
     state, data = ckpt.restore(ckpt.latest_step(), jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
     positions = data["positions"]
+    counters = data.get("counters", counters)
     logging.info("resumed from step %d (data positions %s)", int(state.step), positions)
   elif config.init_from:
     variables = checkpoint_lib.load_variables(config.init_from, {"params": state.params,
@@ -137,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
   ds = input_pipeline.build_train_dataset(config.input, tokenizer=tokenizer, seed=config.seed, batch_size=host_batch,
                                           start_index=positions[jax.process_index()],
                                           process_index=jax.process_index(), process_count=jax.process_count())
-  data_it = input_pipeline.DataIterator(ds, start_index=positions[jax.process_index()])
+  data_it = input_pipeline.DataIterator(ds, start_index=positions[jax.process_index()],
+                                        **counters[jax.process_index()])
 
   # One sharding for every batch array, whatever its rank (text [B, L] or [B, 1 + K, L], prompts): the
   # leading axis over (data, fsdp), the trailing axes a partition spec leaves out are replicated.
@@ -147,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, batch_shardings),
                          out_shardings=(shardings, None))
 
-  log = MetricsLog(workdir)
+  log = MetricsLog(workdir, resumed_step=start_step)
   evals = evaluators.build(config.evals, model=model, config=config, workdir=workdir)
   preemption = Preemption()
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer)
@@ -157,8 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
 
   def data_state():
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    all_positions = multihost_utils.process_allgather(np.asarray(data_it.position, np.int64))
-    return {"positions": [int(p) for p in np.atleast_1d(all_positions)]}
+    # Every host's position and running counters (a resumed run continues both).
+    mine = np.asarray([data_it.position, *data_it.running_totals().values()], np.int64)
+    rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    names = list(data_it.running_totals())
+    return {"positions": [int(r[0]) for r in rows],
+            "counters": [{n: int(v) for n, v in zip(names, r[1:])} for r in rows]}
 
   def finish(step_metrics, step, counters):
     nonlocal last_logged
@@ -169,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
       scalars["examples_per_sec"] = batch_size * timer.rate()
       scalars["train_seconds"] = train_seconds()
       log.write(step, scalars)
+      collapse.check(step, scalars)
       last_logged = scalars
       if progress:
         progress(step, scalars)
@@ -193,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
       progress(step, scalars)
 
   timer = _Rate()
+  collapse = CollapseWatch()
   step = start_step
   evaluated = False
   try:
@@ -265,6 +311,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if flags.FLAGS.config is None:
     raise app.UsageError("--config is required")
+  config_lib.resolve_data(flags.FLAGS.config)
   maybe_initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
@@ -276,7 +323,7 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   if jax.default_backend() == "cpu":
-    for hint in (launching.cpu_malloc_hint(), launching.cpu_bf16_hint(flags.FLAGS.config.model.dtype)):
+    for hint in (cpu_env.cpu_malloc_hint(), cpu_env.cpu_bf16_hint(flags.FLAGS.config.model.dtype)):
       if hint:
         logging.info(hint)
   train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)

@@ -15,6 +15,7 @@ import optax
 
 from groupvit_jax import losses, sharding
 from groupvit_jax.models import init_variables
+from groupvit_jax.models.reconstruction import chain_assignments
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,15 +66,18 @@ def init_sharded_state(model, tx, config, mesh, rng):
 def make_train_step(model, tx, schedule, config, base_rng):
   """The jitted-to-be step: forward both towers, both losses, backward, AdamW."""
   ml_weight = config.loss.multi_label_weight
+  recon_weight = config.loss.get("reconstruction_weight", 0.0)
+  superpixel_weight = config.loss.get("superpixel_weight", 0.0)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(base_rng, state.step)
     gumbel_rng, dropout_rng = jax.random.split(rng)
+    rngs = {"gumbel": gumbel_rng, "dropout": dropout_rng, "mask": jax.random.fold_in(rng, 2)}
 
     def loss_fn(params):
       out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                 batch["text"], train=True, prompts=batch.get("prompts"),
-                                 rngs={"gumbel": gumbel_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
+                                 batch["text"], train=True, prompts=batch.get("prompts"), rngs=rngs,
+                                 mutable=["batch_stats"])
       contrastive = losses.contrastive_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"])
       parts = {"contrastive_loss": contrastive, "logit_scale": out["logit_scale"]}
       loss = contrastive
@@ -81,6 +85,20 @@ def make_train_step(model, tx, schedule, config, base_rng):
         multi = losses.multi_label_loss(out["image_embeds"], out["prompt_embeds"], out["multi_label_logit_scale"])
         loss = loss + ml_weight * multi
         parts.update(multi_label_loss=multi, multi_label_logit_scale=out["multi_label_logit_scale"])
+      if recon_weight:
+        recon = losses.reconstruction_loss(out["reconstruction"], batch["image"], config.model.image.patch_size,
+                                           out["reconstruction_weights"], config.loss.reconstruction_norm_pix)
+        loss = loss + recon_weight * recon
+        parts["reconstruction_loss"] = recon
+      if superpixel_weight:
+        chained = chain_assignments([m["hard"] for m in out["assignments"]])
+        # The first stage's map and the chained map onto the final groups (one term when they coincide).
+        maps = [chained[0]] + ([chained[-1]] if len(chained) > 1 else [])
+        kl = sum(losses.superpixel_kl(m, batch["superpixels"]) for m in maps) / len(maps)
+        loss = loss + superpixel_weight * kl
+        parts["superpixel_loss"] = kl
+      if out["assignments"]:
+        parts.update(losses.grouping_diagnostics(out["assignments"]))
       return loss, (parts, updates["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

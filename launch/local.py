@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """N jax.distributed processes on this machine (CPU): multi-host code without a pod.
 
-  python launch/local.py --num_processes=2 -- groupvit_jax.train --config=configs/tiny.py \\
+  python -m launch.local --num_processes=2 -- groupvit_jax.train --config=configs/tiny.py \\
       --workdir=/tmp/gvj_2proc --config.total_steps=20
 
 Each process gets --coordinator_address/--num_processes/--process_id appended and
@@ -10,10 +9,60 @@ Each process gets --coordinator_address/--num_processes/--process_id appended an
 
 import argparse
 import os
+import subprocess
 import sys
+import time
+from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from groupvit_jax.launching import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from groupvit_jax.cpu_env import cpu_malloc_env
+
+
+def launch_local(args: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int = 0,
+                 timeout: float | None = None) -> int:
+  """Runs `python -m <args>` as `num_processes` jax.distributed processes on localhost (CPU).
+
+  Output lines are prefixed with the process id. Returns 0 when every process succeeded, else the
+  first non-zero exit code; when one process fails, the others are terminated.
+  """
+  if not port:
+    import socket  # pylint: disable=g-import-not-at-top
+    with socket.socket() as s:
+      s.bind(("localhost", 0))
+      port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **cpu_malloc_env(),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  procs = []
+  for i in range(num_processes):
+    cmd = [sys.executable, "-u", "-m", *args, f"--coordinator_address=localhost:{port}",
+           f"--num_processes={num_processes}", f"--process_id={i}"]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  import threading  # pylint: disable=g-import-not-at-top
+
+  def pump(i, p):
+    for line in p.stdout:
+      sys.stdout.write(f"[{i}] {line}")
+  threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+  for t in threads:
+    t.start()
+  deadline = time.time() + timeout if timeout else None
+  rc = 0
+  while any(p.poll() is None for p in procs):
+    failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+    if failed or (deadline and time.time() > deadline):
+      rc = failed[0] if failed else 124
+      if not failed:
+        print(f"launch.local: the processes did not finish within {timeout:.0f} s; stopping them",
+              file=sys.stderr, flush=True)
+      for p in procs:
+        if p.poll() is None:
+          p.terminate()
+      break
+    time.sleep(0.1)
+  for p in procs:
+    p.wait()
+  for t in threads:
+    t.join(timeout=5)
+  return rc or next((p.returncode for p in procs if p.returncode), 0)
 
 
 def main(argv=None) -> int:

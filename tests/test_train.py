@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from groupvit_jax import config_lib, launching, losses, train
+from groupvit_jax import config_lib, losses, train
+from launch import local
+from tests import subprocess_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("examples_per_sec", "steps_per_sec", "train_seconds")
@@ -157,7 +159,7 @@ def test_two_processes_on_localhost_train(shapes_data_dir, tmp_path, capfd):
   # Through the local multi-process launcher (launch/local.py), 2 CPU devices per process.
   args = ["groupvit_jax.train", f"--config=configs/tiny.py:data_dir={shapes_data_dir}",
           f"--workdir={tmp_path / 'run'}", "--config.log_every=1", "--config.total_steps=3"]
-  rc = launching.launch_local(args, num_processes=2, devices_per_process=2, timeout=300)
+  rc = local.launch_local(args, num_processes=2, devices_per_process=2, timeout=1200)
   out = capfd.readouterr().out
   assert rc == 0, out[-3000:]
   assert "process 1/2" in out and "4 global devices" in out
@@ -165,12 +167,17 @@ def test_two_processes_on_localhost_train(shapes_data_dir, tmp_path, capfd):
   assert sorted(m) == [1, 2, 3] and all(np.isfinite(m[s]["loss"]) for s in m)
 
 
+# Short prompts (6 tokens) cut some noun prompts: data/prompts_cut grows every step, a running total the
+# checkpoint must carry across a resume.
+RESUME_FLAGS = ("--config.total_steps=16", "--config.checkpoint_every=4", "--config.input.prompt_length=6")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(shapes_data_dir, tmp_path_factory):
   # Same process setup as the interrupted runs (one device, default flags), so numbers compare exactly.
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  cmd = _train_cmd(shapes_data_dir, workdir, "--config.total_steps=16", "--config.checkpoint_every=4")
-  res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS)
+  res = subprocess_util.run(cmd, cwd=REPO, env=_env(), timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   return _metrics(workdir)
 
@@ -179,20 +186,30 @@ def _run_until(cmd, workdir, step, sig):
   """Starts a training process, sends `sig` once `step` is logged; returns (returncode, output)."""
   proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
+  deadline = time.time() + 1200
   while time.time() < deadline and proc.poll() is None:
     if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
       proc.send_signal(sig)
       break
     time.sleep(0.02)
-  out = proc.communicate(timeout=240)[0]
+  else:
+    if proc.poll() is None:
+      proc.kill()
+      raise AssertionError(f"hung: the training run logged no step {step} within 1200 s; its last output:\n"
+                           f"{subprocess_util.tail(proc.communicate()[0])}")
+  try:
+    out = proc.communicate(timeout=1200)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise AssertionError(f"hung: the training run did not stop within 1200 s of {sig!r}; its last output:\n"
+                         f"{subprocess_util.tail(proc.communicate()[0])}") from None
   return proc.returncode, out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_resume_after_preemption_or_crash_continues_exactly(sig, uninterrupted, shapes_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  cmd = _train_cmd(shapes_data_dir, workdir, "--config.total_steps=16", "--config.checkpoint_every=4")
+  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS)
   rc, out = _run_until(cmd, workdir, 6, sig)
   stopped = max(r["step"] for r in _all_rows(workdir))
   assert stopped < 16, "the run finished before the signal; cannot test resume"
@@ -202,11 +219,14 @@ def test_resume_after_preemption_or_crash_continues_exactly(sig, uninterrupted, 
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
   else:
     assert rc == -signal.SIGKILL
-  res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  res = subprocess_util.run(cmd, cwd=REPO, env=_env(), timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   resumed = _metrics(workdir)
   assert sorted(resumed) == list(range(1, 17))
-  _assert_same(uninterrupted, resumed, range(1, 17))
+  # metrics.jsonl holds each step once: the interrupted run's rows past the restored step are gone.
+  assert [row["step"] for row in _all_rows(workdir)] == list(range(1, 17))
+  assert uninterrupted[16]["data/prompts_cut"] > uninterrupted[8]["data/prompts_cut"] > 0
+  _assert_same(uninterrupted, resumed, range(1, 17))  # the data counters included
   # Every line ever written (recomputed steps after kill -9 included) equals the uninterrupted run.
   for row in _all_rows(workdir):
     for key, value in row.items():

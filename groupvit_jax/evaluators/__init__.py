@@ -1,55 +1,12 @@
-"""Evaluators the trainer runs every `eval_every` steps and at the end, plugged in by name.
+"""Evaluators: zero-shot segmentation (mIoU, pictures) and classification, plugged into the trainer by name.
 
 An evaluator is a class registered with `@register("name")`, built as `cls(model=..., config=...,
 workdir=..., **its_config)`, with `run(state) -> dict[str, float]` (metric names prefixed by the
-evaluator's name). `config.evals` maps evaluator names to their configs.
+evaluator's name). `config.evals` maps evaluator names to their configs; `build` instantiates them.
 """
 
-from typing import Any, Callable
+from groupvit_jax.evaluators.registry import Evaluators, build, register
+# The built-in evaluators register themselves on import.
+from groupvit_jax.evaluators import classification, segmentation  # pylint: disable=g-bad-import-order
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
-
-
-def register(name: str):
-  def wrap(cls):
-    _REGISTRY[name] = cls
-    return cls
-  return wrap
-
-
-class Evaluators:
-  """The configured evaluators; `run` merges their metrics."""
-
-  def __init__(self, evaluators: dict[str, Any]):
-    self.evaluators = evaluators
-
-  def __bool__(self) -> bool:
-    return bool(self.evaluators)
-
-  def run(self, state: Any, step: int) -> dict[str, float]:
-    del step
-    metrics = {}
-    for name, evaluator in self.evaluators.items():
-      metrics.update({f"{name}/{k}": v for k, v in evaluator.run(state).items()})
-    return metrics
-
-  def images(self) -> dict[str, Any]:
-    """Pictures of the last `run` (`{name/picture: [1, H, W, 3] uint8}`), for TensorBoard."""
-    out = {}
-    for name, evaluator in self.evaluators.items():
-      for key, picture in getattr(evaluator, "pictures", {}).items():
-        out[f"{name}/{key}"] = picture[None]
-    return out
-
-
-def build(evals_config: Any, **common) -> Evaluators:
-  """Instantiates `config.evals` ({name: {"kind": registered name, ...}})."""
-  from groupvit_jax import evaluate  # pylint: disable=g-import-not-at-top,unused-import  (registers built-ins)
-  built = {}
-  for name, cfg in dict(evals_config or {}).items():
-    cfg = dict(cfg)
-    kind = cfg.pop("kind", name)
-    if kind not in _REGISTRY:
-      raise ValueError(f"unknown evaluator {kind!r} (evals.{name}); known: {sorted(_REGISTRY)}")
-    built[name] = _REGISTRY[kind](**common, **cfg)
-  return Evaluators(built)
+__all__ = ["Evaluators", "build", "register", "classification", "segmentation"]

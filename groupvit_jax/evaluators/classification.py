@@ -11,6 +11,7 @@ fractions of images whose class is among the 1 / 5 most similar.
 """
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from groupvit_jax.evaluators import register
+from groupvit_jax.evaluators.registry import register
 from groupvit_jax.evaluators.seg_datasets import IMAGE_EXTS
 from groupvit_jax.evaluators.segmentation import MEAN, STD, cached_jit, class_embeddings
 from groupvit_jax.models.groupvit import l2_normalize
@@ -129,3 +130,11 @@ class ClassificationEvaluator:
     result = zero_shot_classify(self.model, variables, self.dataset, self.tokenizer, **self.kwargs)
     return {"top1": result["top1"], "top5": result["top5"]}
 
+
+def write_json_atomically(result: dict[str, Any], output_dir: str) -> None:
+  """`output_dir/metrics.json`, written to a temporary file and renamed into place."""
+  os.makedirs(output_dir, exist_ok=True)
+  tmp = os.path.join(output_dir, f".metrics.json.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, os.path.join(output_dir, "metrics.json"))

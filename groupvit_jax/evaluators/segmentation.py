@@ -10,17 +10,31 @@ Multi-scale (`scales`, mmseg's aug_test without flip): the test-time size is mul
 the per-scale scores are resized to the original size and averaged.
 """
 
+import csv
 import functools
+import json
+import os
+import shutil
+import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from groupvit_jax import viz
+from groupvit_jax.evaluators import seg_datasets
+from groupvit_jax.evaluators.miou import ConfusionMatrix, metrics_from_confusion
+from groupvit_jax.evaluators.registry import register
 from groupvit_jax.models import interpolate
 from groupvit_jax.models.groupvit import l2_normalize
 from groupvit_jax.pp import ops as pp_ops
+from groupvit_jax.pp import tokenizers
 from groupvit_jax.pp.templates import get_templates
+
+# The reference's background thresholds.
+BG_THRESHOLDS = {"voc": 0.95, "context": 0.35, "coco_object": 0.95, "generic": 0.95}
 
 MEAN = np.asarray(pp_ops.IMAGENET_MEAN, np.float32) * 255
 STD = np.asarray(pp_ops.IMAGENET_STD, np.float32) * 255
@@ -178,3 +192,92 @@ class ZeroShotSegmenter:
     if return_groups:
       return pred, group_maps
     return pred
+
+
+def evaluate_segmentation(segmenter: ZeroShotSegmenter, dataset: seg_datasets.SegDataset, output_dir: str | None,
+                          num_pictures: int = 8, limit: int | None = None) -> dict[str, Any]:
+  """Runs the whole set; returns metrics (and writes them, with pictures, when `output_dir` is set)."""
+  cm = ConfusionMatrix(len(dataset.classes))
+  tmp = None
+  if output_dir:
+    tmp = f"{output_dir.rstrip('/')}.tmp-{os.getpid()}"
+    os.makedirs(os.path.join(tmp, "pictures"), exist_ok=True)
+  items = dataset.items[:limit] if limit else dataset.items
+  start = time.perf_counter()
+  try:
+    for n, item in enumerate(items):
+      image, mask = seg_datasets.read_pair(item, len(dataset.classes), dataset.reduce_zero_label)
+      pred, groups = segmenter.predict(image, return_groups=True)
+      cm.update(pred, mask)
+      if tmp and n < num_pictures:
+        picture = viz.panel(image, pred, mask, [np.asarray(g) for g in groups], list(dataset.classes))
+        Image.fromarray(picture).save(os.path.join(tmp, "pictures", f"{item[0]}.png"))
+    seconds = time.perf_counter() - start
+    metrics = metrics_from_confusion(cm.matrix)
+    result = {"dataset": dataset.name, "images": len(items), "images_per_sec": len(items) / seconds,
+              "aAcc": metrics["aAcc"] * 100, "mIoU": metrics["mIoU"] * 100, "mAcc": metrics["mAcc"] * 100,
+              "per_class": {c: {"IoU": _pct(i), "Acc": _pct(a)}
+                            for c, i, a in zip(dataset.classes, metrics["IoU"], metrics["Acc"])}}
+    if tmp:
+      with open(os.path.join(tmp, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+      with open(os.path.join(tmp, "per_class.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "IoU", "Acc"])
+        for c, v in result["per_class"].items():
+          w.writerow([c, v["IoU"], v["Acc"]])
+      if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+      os.replace(tmp, output_dir)
+      tmp = None
+    return result
+  finally:
+    if tmp and os.path.exists(tmp):
+      shutil.rmtree(tmp)  # an interrupted evaluation leaves nothing behind
+
+
+def _pct(x: float) -> float | None:
+  return None if np.isnan(x) else float(x) * 100
+
+
+def format_table(result: dict[str, Any]) -> str:
+  lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}"]
+  for c, v in result["per_class"].items():
+    fmt = lambda x: f"{x:8.2f}" if x is not None else f"{'-':>8}"
+    lines.append(f"{c:<16}{fmt(v['IoU'])}{fmt(v['Acc'])}")
+  lines.append(f"{result['dataset']}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  mAcc {result['mAcc']:.2f}"
+               f"  ({result['images']} images, {result['images_per_sec']:.2f} images/s)")
+  return "\n".join(lines)
+
+
+@register("segmentation")
+class SegmentationEvaluator:
+  """Zero-shot segmentation mIoU on a dataset layout, callable from the trainer (`config.evals`)."""
+
+  def __init__(self, model, config, workdir, dataset: str, data_dir: str, bg_threshold: float | None = None,
+               templates: str = "simple", crop: int = 448, stride: int = 224, short_side: int = 448,
+               long_side: int = 2048, mode: str = "slide", scales: tuple[float, ...] = (1.0,),
+               limit: int | None = None, num_pictures: int = 4,
+               tensorboard_pictures: int = 4):
+    self.model, self.config, self.workdir = model, config, workdir
+    self.dataset = seg_datasets.load(dataset, data_dir)
+    self.bg_threshold = bg_threshold if bg_threshold is not None else BG_THRESHOLDS.get(dataset)
+    self.kwargs = dict(templates=templates, crop=crop, stride=stride, short_side=short_side, long_side=long_side,
+                       mode=mode, scales=scales)
+    self.limit, self.num_pictures, self.tensorboard_pictures = limit, num_pictures, tensorboard_pictures
+    self.pictures: dict[str, np.ndarray] = {}  # the last run's panels, for TensorBoard
+    self.tokenizer = tokenizers.get_tokenizer(config.input.tokenizer)
+
+  def run(self, state) -> dict[str, float]:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    segmenter = ZeroShotSegmenter(self.model, variables, self.dataset.text_classes, self.tokenizer,
+                                  patch_size=self.config.model.image.patch_size,
+                                  context_length=self.config.input.context_length,
+                                  bg_threshold=self.bg_threshold if self.dataset.has_background else None,
+                                  **self.kwargs)
+    out = os.path.join(self.workdir, "eval", f"{self.dataset.name}_step{int(state.step)}")
+    result = evaluate_segmentation(segmenter, self.dataset, out, self.num_pictures, self.limit)
+    picture_dir = os.path.join(out, "pictures")
+    self.pictures = {os.path.splitext(n)[0]: np.asarray(Image.open(os.path.join(picture_dir, n)).convert("RGB"))
+                     for n in sorted(os.listdir(picture_dir))[:self.tensorboard_pictures]}
+    return {"mIoU": result["mIoU"], "aAcc": result["aAcc"], "mAcc": result["mAcc"]}

@@ -1,5 +1,7 @@
 """GroupViT models in Flax linen; `build_model(config.model)` is the entry point."""
 
+from typing import Any
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,13 @@ from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables,
 from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def variables_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """ShapeDtypeStructs of the variables of the model `config` (`config.model`) describes, unallocated."""
+  model = build_model(config)
+  return jax.eval_shape(lambda r: init_variables(model, r, config.image.image_size, config.text.context_length),
+                        jax.random.key(0))
 
 
 def build_model(config: ml_collections.ConfigDict) -> GroupViT:
@@ -38,7 +47,8 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       remat=config.remat,
       attention=attention,
       # Splitting a batch that is sharded over several devices would only move it between them.
-      image_splits=config.get("image_splits", 1) if jax.device_count() == 1 else 1)
+      image_splits=config.get("image_splits", 1) if jax.device_count() == 1 else 1,
+      reconstruction=dict(config.reconstruction) if config.get("reconstruction", {}).get("dim") else None)
 
 
-__all__ = ["GroupViT", "build_model", "count_params", "init_variables", "random_variables"]
+__all__ = ["GroupViT", "build_model", "count_params", "init_variables", "random_variables", "variables_template"]

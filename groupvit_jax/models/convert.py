@@ -135,29 +135,45 @@ def variables_to_nvlabs(variables: Mapping[str, Any]) -> StateDict:
 # NVlabs <-> HF transformers names.
 # ---------------------------------------------------------------------------------------------------
 
-_HF_RULES = [
-    (r"^img_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embeddings.projection."),
-    (r"^img_encoder\.patch_embed\.norm\.", "vision_model.embeddings.layernorm."),
-    (r"^img_encoder\.pos_embed$", "vision_model.embeddings.position_embeddings"),
-    (r"^img_encoder\.norm\.", "vision_model.layernorm."),
-    (r"^img_encoder\.layers\.(\d+)\.", r"vision_model.encoder.stages.\1."),
-    (r"\.blocks\.(\d+)\.norm(\d)\.", r".layers.\1.layer_norm\2."),
-    (r"\.blocks\.(\d+)\.attn\.proj\.", r".layers.\1.self_attn.out_proj."),
-    (r"\.blocks\.(\d+)\.", r".layers.\1."),
-    (r"pre_assign_attn\.attn\.proj\.", "pre_assign_attn.attn.out_proj."),
-    (r"^text_encoder\.transformer\.resblocks\.(\d+)\.", r"text_model.encoder.layers.\1."),
-    (r"^(text_model\.encoder\.layers\.\d+)\.attn\.out_proj\.", r"\1.self_attn.out_proj."),
-    (r"\.ln_(\d)\.", r".layer_norm\1."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-    (r"^text_encoder\.positional_embedding$", "text_model.embeddings.position_embedding.weight"),
-    (r"^text_encoder\.token_embedding\.", "text_model.embeddings.token_embedding."),
-    (r"^text_encoder\.ln_final\.", "text_model.final_layer_norm."),
-    (r"^img_projector\.linear_hidden\.(\d+)\.", r"visual_projection.\1."),
-    (r"^img_projector\.linear_out\.", "visual_projection.3."),
-    (r"^text_projector\.linear_hidden\.(\d+)\.", r"text_projection.\1."),
-    (r"^text_projector\.linear_out\.", "text_projection.3."),
+# NVlabs name <-> HF transformers name: one pair per rule, both directions derived from it; the first
+# rule whose pattern matches the whole name wins, so specific rules come before general ones. `{r}`
+# stands for the rest of a name, any other `{x}` for one dot-free part; a name no rule matches is kept.
+_NAME_PAIRS = [
+    ("img_encoder.patch_embed.proj.{r}", "vision_model.embeddings.patch_embeddings.projection.{r}"),
+    ("img_encoder.patch_embed.norm.{r}", "vision_model.embeddings.layernorm.{r}"),
+    ("img_encoder.pos_embed", "vision_model.embeddings.position_embeddings"),
+    ("img_encoder.norm.{r}", "vision_model.layernorm.{r}"),
+    ("img_encoder.layers.{s}.blocks.{b}.norm{n}.{r}", "vision_model.encoder.stages.{s}.layers.{b}.layer_norm{n}.{r}"),
+    ("img_encoder.layers.{s}.blocks.{b}.attn.proj.{r}", "vision_model.encoder.stages.{s}.layers.{b}.self_attn.out_proj.{r}"),
+    ("img_encoder.layers.{s}.blocks.{b}.{r}", "vision_model.encoder.stages.{s}.layers.{b}.{r}"),
+    ("img_encoder.layers.{s}.blocks.{b}", "vision_model.encoder.stages.{s}.layers.{b}"),
+    ("img_encoder.layers.{s}.downsample.pre_assign_attn.attn.proj.{r}",
+     "vision_model.encoder.stages.{s}.downsample.pre_assign_attn.attn.out_proj.{r}"),
+    ("img_encoder.layers.{s}.{r}", "vision_model.encoder.stages.{s}.{r}"),
+    ("text_encoder.transformer.resblocks.{l}.attn.out_proj.{r}", "text_model.encoder.layers.{l}.self_attn.out_proj.{r}"),
+    ("text_encoder.transformer.resblocks.{l}.ln_{n}.{r}", "text_model.encoder.layers.{l}.layer_norm{n}.{r}"),
+    ("text_encoder.transformer.resblocks.{l}.mlp.c_fc.{r}", "text_model.encoder.layers.{l}.mlp.fc1.{r}"),
+    ("text_encoder.transformer.resblocks.{l}.mlp.c_proj.{r}", "text_model.encoder.layers.{l}.mlp.fc2.{r}"),
+    ("text_encoder.transformer.resblocks.{l}.{r}", "text_model.encoder.layers.{l}.{r}"),
+    ("text_encoder.transformer.resblocks.{l}", "text_model.encoder.layers.{l}"),
+    ("text_encoder.positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("text_encoder.token_embedding.{r}", "text_model.embeddings.token_embedding.{r}"),
+    ("text_encoder.ln_final.{r}", "text_model.final_layer_norm.{r}"),
+    ("img_projector.linear_out.{r}", "visual_projection.3.{r}"),
+    ("img_projector.linear_hidden.{i}.{r}", "visual_projection.{i}.{r}"),
+    ("text_projector.linear_out.{r}", "text_projection.3.{r}"),
+    ("text_projector.linear_hidden.{i}.{r}", "text_projection.{i}.{r}"),
 ]
+
+
+def _name_pattern(template: str) -> re.Pattern:
+  parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, ...
+  return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{'.+' if p == 'r' else '[^.]+'})"
+                            for i, p in enumerate(parts)))
+
+
+_TO_HF = [(_name_pattern(nvlabs), hf) for nvlabs, hf in _NAME_PAIRS]
+_TO_NVLABS = [(_name_pattern(hf), nvlabs) for nvlabs, hf in _NAME_PAIRS]
 # Fused q|k|v tensors (rows q, k, v) in NVlabs that HF splits into q_proj/k_proj/v_proj.
 _FUSED_NVLABS = [
     (re.compile(r"^img_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$"),
@@ -169,8 +185,10 @@ _FUSED_HF = re.compile(r"^(.*\.layers\.\d+)\.self_attn\.(q|k|v)_proj\.(weight|bi
 
 
 def _rename(key: str, rules) -> str:
-  for pattern, repl in rules:
-    key = re.sub(pattern, repl, key)
+  for pattern, template in rules:
+    m = pattern.fullmatch(key)
+    if m:
+      return template.format(**m.groupdict())
   return key
 
 
@@ -191,7 +209,7 @@ def nvlabs_to_hf(state_dict: Mapping[str, np.ndarray]) -> StateDict:
           out[f"{stem}{name}_proj.{m.groups()[-1]}"] = part
         break
     else:
-      out[_rename(key, _HF_RULES)] = value
+      out[_rename(key, _TO_HF)] = value
   return out
 
 
@@ -206,39 +224,14 @@ def hf_to_nvlabs(state_dict: Mapping[str, np.ndarray]) -> StateDict:
     if m:
       fused.setdefault((m[1], m[3]), {})[m[2]] = np.asarray(value)
     else:
-      out[_rename(key, _HF_INVERSE_RULES)] = np.asarray(value)
+      out[_rename(key, _TO_NVLABS)] = np.asarray(value)
   for (stem, kind), parts in fused.items():
     if set(parts) != {"q", "k", "v"}:
       raise ValueError(f"HF checkpoint has an incomplete q/k/v set under {stem!r}")
     value = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
     suffix = f".attn.in_proj_{kind}" if stem.startswith("text_model.") else f".attn.qkv.{kind}"
-    out[_rename(stem, _HF_INVERSE_RULES) + suffix] = value
+    out[_rename(stem, _TO_NVLABS) + suffix] = value
   return out
-
-
-_HF_INVERSE_RULES = [
-    (r"^vision_model\.embeddings\.patch_embeddings\.projection\.", "img_encoder.patch_embed.proj."),
-    (r"^vision_model\.embeddings\.layernorm\.", "img_encoder.patch_embed.norm."),
-    (r"^vision_model\.embeddings\.position_embeddings$", "img_encoder.pos_embed"),
-    (r"^vision_model\.layernorm\.", "img_encoder.norm."),
-    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_norm(\d)\.", r"img_encoder.layers.\1.blocks.\2.norm\3."),
-    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.self_attn\.out_proj\.", r"img_encoder.layers.\1.blocks.\2.attn.proj."),
-    (r"^vision_model\.encoder\.stages\.(\d+)\.layers\.(\d+)", r"img_encoder.layers.\1.blocks.\2"),
-    (r"^vision_model\.encoder\.stages\.(\d+)\.", r"img_encoder.layers.\1."),
-    (r"pre_assign_attn\.attn\.out_proj\.", "pre_assign_attn.attn.proj."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"text_encoder.transformer.resblocks.\1.attn.out_proj."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"text_encoder.transformer.resblocks.\1.ln_\2."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.", r"text_encoder.transformer.resblocks.\1.mlp.c_fc."),
-    (r"^text_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.", r"text_encoder.transformer.resblocks.\1.mlp.c_proj."),
-    (r"^text_model\.encoder\.layers\.(\d+)", r"text_encoder.transformer.resblocks.\1"),
-    (r"^text_model\.embeddings\.position_embedding\.weight$", "text_encoder.positional_embedding"),
-    (r"^text_model\.embeddings\.token_embedding\.", "text_encoder.token_embedding."),
-    (r"^text_model\.final_layer_norm\.", "text_encoder.ln_final."),
-    (r"^visual_projection\.3\.", "img_projector.linear_out."),
-    (r"^visual_projection\.(\d+)\.", r"img_projector.linear_hidden.\1."),
-    (r"^text_projection\.3\.", "text_projector.linear_out."),
-    (r"^text_projection\.(\d+)\.", r"text_projector.linear_hidden.\1."),
-]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,21 +289,14 @@ def export_hf(variables: Mapping[str, Any]) -> StateDict:
   return nvlabs_to_hf(variables_to_nvlabs(variables))
 
 
-def variables_template(config) -> dict[str, Any]:
-  """ShapeDtypeStructs of the model's variables for `config.model`, without allocating them."""
-  from groupvit_jax.models import build_model, init_variables  # pylint: disable=g-import-not-at-top
-  model = build_model(config.model)
-  return jax.eval_shape(lambda r: init_variables(model, r, config.model.image.image_size,
-                                                 config.model.text.context_length), jax.random.key(0))
-
-
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(f.config)
-  template = variables_template(config)
+  template = variables_template(config.model)
   if f.export_hf:
     if not f.checkpoint:
       raise flags.IllegalFlagValueError("--export_hf needs --checkpoint (a directory written by this tool)")

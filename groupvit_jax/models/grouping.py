@@ -58,6 +58,9 @@ class AssignAttention(nn.Module):
   gumbel: bool = True
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
+  # Multiplies the logits q.k; None: dim**-0.5 (the reference's). Larger scales make the assignment
+  # more decisive against the gumbel noise (SegCLIP leaves q.k of LayerNormed q, k unscaled).
+  scale: Optional[float] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -70,7 +73,8 @@ class AssignAttention(nn.Module):
     proj = lambda name: dense(c, ("embed", "heads"), name=name, dtype=self.dtype)
     q, k, v = proj("q_proj")(groups), proj("k_proj")(tokens), proj("v_proj")(tokens)
     # [batch, groups, tokens]; kept in float32 (argmax ties and the softmax are precision sensitive).
-    logits = jnp.einsum("bsc,blc->bsl", q, k).astype(jnp.float32) * c**-0.5
+    scale = c**-0.5 if self.scale is None else self.scale
+    logits = jnp.einsum("bsc,blc->bsl", q, k).astype(jnp.float32) * scale
     key = None
     if train and self.gumbel:
       key = self.make_rng("gumbel") if gumbel_key is None else gumbel_key
@@ -113,6 +117,7 @@ class GroupingBlock(nn.Module):
   gumbel: bool = True
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
+  assign_scale: Optional[float] = None  # AssignAttention's logit scale
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation (the assignment's own attention aside)
 
@@ -130,7 +135,7 @@ class GroupingBlock(nn.Module):
     projected = CrossAttnBlock(self.num_heads, dtype=self.dtype, attention=self.attention,
                                name="pre_assign_attn")(projected, x)
     new_x, maps, key = AssignAttention(self.hard, self.gumbel, self.gumbel_tau, self.assign_eps,
-                                       dtype=self.dtype, name="assign")(projected, x, train, gumbel_key,
+                                       self.assign_scale, dtype=self.dtype, name="assign")(projected, x, train, gumbel_key,
                                                                         batch_part)
     new_x = new_x + projected
     # The reference's `reduction` is the identity when stage widths match (always, for GroupViT).
@@ -156,6 +161,7 @@ class GroupingStage(nn.Module):
   gumbel: bool = True
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
+  assign_scale: Optional[float] = None
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation
@@ -193,7 +199,8 @@ class GroupingStage(nn.Module):
     x, group_tokens = x[:, :n], x[:, n:]
     x, maps, key = GroupingBlock(self.num_heads, self.num_output_groups, hard=self.hard,
                                  gumbel=self.gumbel, gumbel_tau=self.gumbel_tau,
-                                 assign_eps=self.assign_eps, dtype=self.dtype, attention=self.attention,
+                                 assign_eps=self.assign_eps, assign_scale=self.assign_scale, dtype=self.dtype,
+                                 attention=self.attention,
                                  name="downsample")(x, group_tokens, train, gumbel_key, batch_part)
     return x, group_tokens, maps, key
 
@@ -208,25 +215,30 @@ class GroupViTImageEncoder(nn.Module):
   `gumbel_keys` to the other parts' calls, every part adds its share of the noise the whole batch
   would have drawn. (Drop-path masks are drawn per call.)
   """
-  image_size: int = 224
-  patch_size: int = 16
-  dim: int = 384
-  depths: Sequence[int] = (6, 3, 3)
-  num_heads: Sequence[int] = (6, 6, 6)
-  num_group_tokens: Sequence[int] = (64, 8, 0)
-  num_output_groups: Sequence[int] = (64, 8)
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.1
-  hard_assignment: bool = True
-  gumbel_tau: float = 1.0
-  assign_eps: float = 1.0
+  # The sizes come from the config (config_lib.groupvit_s_model is GroupViT-S's one definition).
+  image_size: int
+  patch_size: int
+  dim: int
+  depths: Sequence[int]
+  num_heads: Sequence[int]
+  num_group_tokens: Sequence[int]
+  num_output_groups: Sequence[int]
+  mlp_ratio: float
+  drop_path_rate: float
+  hard_assignment: bool
+  gumbel_tau: float
+  assign_eps: float
+  assign_scale: Optional[float] = None  # None: the reference's dim**-0.5
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, *, batch_part: tuple[int, int] = (0, 1),
-               gumbel_keys: Optional[Sequence[Optional[jax.Array]]] = None) -> dict[str, Any]:
+               gumbel_keys: Optional[Sequence[Optional[jax.Array]]] = None,
+               keep: Optional[jax.Array] = None) -> dict[str, Any]:
+    """`keep` (`[batch, kept]` patch indices) runs the tower on those patches only (masked
+    reconstruction); the assignment maps then cover the kept patches."""
     x, grid = PatchEmbed(self.patch_size, self.dim, dtype=self.dtype, name="patch_embed")(images)
     grid_size = self.image_size // self.patch_size
     pos = param_with_axes(self, "pos_embed", normal(0.02), (1, grid_size * grid_size, self.dim),
@@ -234,6 +246,8 @@ class GroupViTImageEncoder(nn.Module):
     if tuple(grid) != (grid_size, grid_size):
       pos = resize_pos_embed(pos, grid_size, grid)
     x = (x + pos).astype(self.dtype)  # added in float32: its gradient then sums in float32 too
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)
 
     total = sum(self.depths)
     rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -253,6 +267,7 @@ class GroupViTImageEncoder(nn.Module):
           gumbel=self.hard_assignment,
           gumbel_tau=self.gumbel_tau,
           assign_eps=self.assign_eps,
+          assign_scale=self.assign_scale,
           remat=self.remat,
           dtype=self.dtype,
           attention=self.attention,

@@ -10,6 +10,7 @@ import numpy as np
 from groupvit_jax.models.grouping import GroupViTImageEncoder
 from groupvit_jax.models.layers import (BatchNorm, Dtype, dense, param_with_axes, torch_default_bias,
                                         torch_default_kernel)
+from groupvit_jax.models.reconstruction import GroupReconstructor, chain_assignments, random_keep
 from groupvit_jax.models.text_transformer import TextTransformer
 
 
@@ -18,9 +19,9 @@ class ProjectMLP(nn.Module):
 
   Works on `[..., dim]`; BatchNorm treats all leading axes as the batch.
   """
-  out_dim: int = 256
-  hidden_dim: int = 4096
-  num_layers: int = 2
+  out_dim: int
+  hidden_dim: int
+  num_layers: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -53,10 +54,10 @@ class GroupViT(nn.Module):
   """
   image: dict
   text: dict
-  projection_dim: int = 256
-  projection_hidden_dim: int = 4096
-  projection_layers: int = 2
-  contrast_temperature: float = 0.07
+  projection_dim: int
+  projection_hidden_dim: int
+  projection_layers: int
+  contrast_temperature: float
   dtype: Dtype = jnp.float32
   remat: bool = False
   # The image tower's attention implementation (layers.attention). The text tower's attention is
@@ -68,6 +69,10 @@ class GroupViT(nn.Module):
   # gradients up to float32 rounding, the same gumbel noise (each part adds its share of the whole
   # batch's); only drop-path masks are drawn per part.
   image_splits: int = 1
+  # Redraws the patches from the final groups in training (`reconstruction` in the outputs): the
+  # decoder's `dim`, `depth`, `num_heads`, and `mask_ratio` (the share of patches dropped from a second
+  # encoder pass; 0: every patch redrawn from the main pass's groups). None: no decoder.
+  reconstruction: Optional[dict] = None
 
   def setup(self):
     self.img_encoder = GroupViTImageEncoder(**self.image, remat=self.remat, dtype=self.dtype,
@@ -80,6 +85,12 @@ class GroupViT(nn.Module):
     init = nn.initializers.constant(np.log(1.0 / self.contrast_temperature))
     self.logit_scale = param_with_axes(self, "logit_scale", init, (), ())
     self.multi_label_logit_scale = param_with_axes(self, "multi_label_logit_scale", init, (), ())
+    if self.reconstruction:
+      r = self.reconstruction
+      patch = self.image["patch_size"]
+      self.reconstructor = GroupReconstructor(
+          num_patches=(self.image["image_size"] // patch)**2, patch_pixels=patch * patch * 3, dim=r["dim"],
+          depth=r["depth"], num_heads=r["num_heads"], masked=r["mask_ratio"] > 0, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, train: bool = False, return_groups: bool = False
                    ) -> dict[str, Any]:
@@ -113,6 +124,25 @@ class GroupViT(nn.Module):
     """
     return self.text_projector(self.text_encoder(text), train=train)
 
+  def reconstruct(self, images: jax.Array, image: dict[str, Any], train: bool) -> tuple[jax.Array, jax.Array]:
+    """Every patch's pixels predicted from the final group it was assigned to (the hard maps chained).
+
+    With `mask_ratio` > 0 in training, the groups come from a second pass over a random subset of the
+    patches (rng stream `mask`), and only the dropped patches are scored; else from the main pass
+    (`image`, encode_image's outputs), every patch scored.
+    """
+    b = images.shape[0]
+    num_patches = self.reconstructor.num_patches
+    keep = None
+    if train and self.reconstruction["mask_ratio"] > 0:
+      keep = random_keep(self.make_rng("mask"), b, num_patches, self.reconstruction["mask_ratio"])
+      image = self.img_encoder(images, train=train, keep=keep)
+      weights = 1.0 - jnp.zeros((b, num_patches), jnp.float32).at[jnp.arange(b)[:, None], keep].set(1.0)
+    else:
+      weights = jnp.ones((b, num_patches), jnp.float32)
+    patch_to_group = chain_assignments([m["hard"] for m in image["assignments"]])[-1]
+    return self.reconstructor(image["tokens"], patch_to_group, keep), weights
+
   def logit_scales(self) -> tuple[jax.Array, jax.Array]:
     """exp of the two learnable logit scales, clamped at 100 as in the reference."""
     return (jnp.minimum(jnp.exp(self.logit_scale), 100.0),
@@ -134,7 +164,10 @@ class GroupViT(nn.Module):
         prompt features then share one projector (BatchNorm) batch, as in the single-array form.
     Returns:
       dict with `image_embeds` `[batch, proj]`, `text_embeds` `[batch, proj]`, `prompt_embeds`
-      `[batch, K, proj]` (only with prompts), `logit_scale`, `multi_label_logit_scale` (clamped exps).
+      `[batch, K, proj]` (only with prompts), `logit_scale`, `multi_label_logit_scale` (clamped exps),
+      `assignments` (the image tower's maps), and with `reconstruction` configured the predicted
+      pixels `[batch, patches, pixels]` and the patches they are scored on, `reconstruction_weights`
+      `[batch, patches]`.
     """
     if prompts is not None and (text.ndim != 2 or prompts.ndim != 3):
       raise ValueError(f"with prompts, text must be [batch, length] and prompts [batch, K, length]; got "
@@ -148,7 +181,10 @@ class GroupViT(nn.Module):
     else:
       text_embeds = self.encode_text(text, train=train)
     scale, ml_scale = self.logit_scales()
-    out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": ml_scale}
+    out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": ml_scale,
+           "assignments": image["assignments"]}
+    if self.reconstruction:
+      out["reconstruction"], out["reconstruction_weights"] = self.reconstruct(images, image, train)
     if text_embeds.ndim == 3:
       out["text_embeds"] = text_embeds[:, 0]
       out["prompt_embeds"] = text_embeds[:, 1:]

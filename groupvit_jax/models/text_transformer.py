@@ -44,11 +44,11 @@ class TextTransformer(nn.Module):
   causal mask that output depends only on the tokens before it, so any `length <= context_length`
   gives the same feature: short prompts can be encoded at a short padded length.
   """
-  context_length: int = 77
-  vocab_size: int = 49408
-  width: int = 256
-  layers: int = 12
-  heads: int = 4
+  context_length: int
+  vocab_size: int
+  width: int
+  layers: int
+  heads: int
   remat: bool = False
   dtype: Dtype = jnp.float32
 

@@ -9,6 +9,7 @@ with `@register("name")`.
 import ast
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from groupvit_jax.pp import nouns as nouns_lib
@@ -139,6 +140,33 @@ def flip(key: str = "image") -> Op:
   """Random horizontal flip (probability 0.5)."""
   def op(f):
     f[key] = tf.image.stateless_random_flip_left_right(f[key], seed=_seed(f, 20))
+    return f
+  return op
+
+
+@register("superpixels")
+def superpixels(patch_size: int, scale: float = 224.0, sigma: float = 0.9, min_size: float = 224.0,
+                reference_size: int = 224, key: str = "image") -> Op:
+  """Felzenszwalb superpixels of the (cropped and flipped, not yet normalised) image, reduced to one id
+  per patch (the id most of its pixels have): "superpixels" `[patches]` int32, row-major patches.
+
+  `scale` and `min_size` are SegCLIP's at `reference_size` pixels and scale with the image's area; runs
+  scikit-image on the host (one call per example).
+  """
+  def compute(image: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import felzenszwalb  # pylint: disable=g-import-not-at-top
+    h, w = image.shape[:2]
+    area = h * w / reference_size**2
+    seg = felzenszwalb(image, scale=scale * area, sigma=sigma, min_size=max(1, int(round(min_size * area))))
+    gh, gw, p = h // patch_size, w // patch_size, patch_size
+    blocks = seg[:gh * p, :gw * p].reshape(gh, p, gw, p).transpose(0, 2, 1, 3).reshape(gh * gw, p * p)
+    return np.array([np.bincount(b).argmax() for b in blocks], np.int32)
+
+  def op(f):
+    image = f[key]
+    ids = tf.numpy_function(compute, [image], tf.int32, stateful=False)
+    patches = (tf.shape(image)[0] // patch_size) * (tf.shape(image)[1] // patch_size)
+    f["superpixels"] = tf.reshape(ids, [patches])
     return f
   return op
 

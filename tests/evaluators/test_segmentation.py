@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groupvit_jax import checkpoint, config_lib, evaluate
+from groupvit_jax import checkpoint, config_lib
+from groupvit_jax.evaluators import segmentation as segmentation_lib
 from groupvit_jax.datasets import shapes
 from groupvit_jax.evaluators import seg_datasets
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter, slide_windows
@@ -75,7 +76,7 @@ def test_voc_layout_shapes_world_end_to_end(tiny, tmp_path):
   dataset = seg_datasets.load("voc", root)
   assert dataset.has_background and dataset.text_classes == shapes.CLASSES
   out = str(tmp_path / "out")
-  result = evaluate.evaluate_segmentation(_segmenter(tiny, dataset.text_classes), dataset, out, num_pictures=2)
+  result = segmentation_lib.evaluate_segmentation(_segmenter(tiny, dataset.text_classes), dataset, out, num_pictures=2)
   assert 0 <= result["mIoU"] <= 100 and result["images"] == 6
   saved = json.load(open(os.path.join(out, "metrics.json")))
   assert saved["mIoU"] == pytest.approx(result["mIoU"])
@@ -121,14 +122,14 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(tiny, tmp_path):
   Image.fromarray(np.full((32, 32), 42, np.uint8)).save(mask_path)
   out = str(tmp_path / "out")
   with pytest.raises(ValueError, match=r"shapes_3_000002\.png: class id 42 >= the 9 classes"):
-    evaluate.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
+    segmentation_lib.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
   assert not os.path.exists(out) and not [d for d in os.listdir(tmp_path) if ".tmp-" in d]
   Image.fromarray(np.zeros((20, 32), np.uint8)).save(mask_path)
   with pytest.raises(ValueError, match=r"shapes_3_000002\.png: mask size \(32, 20\) differs from image size"):
-    evaluate.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
+    segmentation_lib.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
   os.remove(mask_path)
   with pytest.raises(FileNotFoundError, match=r"mask '.*shapes_3_000002\.png' does not exist"):
-    evaluate.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
+    segmentation_lib.evaluate_segmentation(seg, seg_datasets.load("voc", root), out)
   open(os.path.join(root, "ImageSets", "Segmentation", "val.txt"), "w").close()
   with pytest.raises(ValueError, match="the split is empty"):
     seg_datasets.load("voc", root)
@@ -138,7 +139,7 @@ def test_bad_inputs_give_one_clear_error_and_leave_nothing(tiny, tmp_path):
   bad_ckpt.mkdir()
   (bad_ckpt / "file.txt").write_text("not a checkpoint")
   with pytest.raises(ValueError, match=r"junk: not a readable groupvit-jax checkpoint"):
-    evaluate.load_checkpoint_variables(str(bad_ckpt), tiny[0])
+    checkpoint.load_model_variables(str(bad_ckpt), tiny[0].model)
 
 
 def test_one_image_cli_writes_overlay_and_group_maps(tiny, tmp_path):

@@ -3,11 +3,11 @@
 import jax
 
 from groupvit_jax import config_lib, sharding
-from groupvit_jax.models import convert
+from groupvit_jax import models
 
 
 def test_every_parameter_has_logical_axes():
-  template = convert.variables_template(config_lib.load_config("configs/groupvit_s.py"))
+  template = models.variables_template(config_lib.load_config("configs/groupvit_s.py").model)
   assert sharding.unannotated_leaves(template["params"]) == []
   specs = sharding.logical_partition_specs(template["params"])
   flat = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

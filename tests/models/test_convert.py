@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from groupvit_jax import checkpoint, config_lib
+from groupvit_jax import checkpoint, config_lib, models
 from groupvit_jax.models import convert
 from tests.models import hf_reference
 
@@ -23,7 +23,7 @@ def tiny():
   config = config_lib.load_config("configs/tiny.py")
   hf = hf_reference.random_hf_model(config.model, seed=3)
   sd = hf_reference.state_dict_numpy(hf)
-  variables = convert.import_state_dict(sd, convert.variables_template(config))
+  variables = convert.import_state_dict(sd, models.variables_template(config.model))
   return config, hf, sd, variables
 
 
@@ -36,7 +36,7 @@ def _assert_same_tree(a, b):
 
 def test_export_import_round_trips_are_the_identity(tiny):
   config, _, _, variables = tiny
-  template = convert.variables_template(config)
+  template = models.variables_template(config.model)
   _assert_same_tree(convert.import_state_dict(convert.export_hf(variables), template, "hf"), variables)
   _assert_same_tree(convert.import_state_dict(convert.variables_to_nvlabs(variables), template, "nvlabs"),
                     variables)
@@ -64,7 +64,7 @@ def test_cli_imports_a_pth_and_exports_safetensors(tiny, tmp_path):
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "nvlabs format" in res.stdout
-  restored = checkpoint.load_variables(str(out_dir), convert.variables_template(config))
+  restored = checkpoint.load_variables(str(out_dir), models.variables_template(config.model))
   _assert_same_tree(jax.device_get(restored), variables)
 
   st = tmp_path / "hf.safetensors"
@@ -82,7 +82,7 @@ def test_not_a_groupvit_checkpoint(tmp_path, tiny):
   path = tmp_path / "resnet.pth"
   torch.save({"conv1.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}, path)
   with pytest.raises(ValueError, match=r"not a GroupViT checkpoint.*conv1\.weight"):
-    convert.import_state_dict(convert.load_state_dict(str(path)), convert.variables_template(config))
+    convert.import_state_dict(convert.load_state_dict(str(path)), models.variables_template(config.model))
 
 
 def test_shape_mismatch_names_the_first_parameter(tiny):
@@ -90,18 +90,18 @@ def test_shape_mismatch_names_the_first_parameter(tiny):
   wider = config_lib.load_config("configs/tiny.py")
   wider.model.text.width = 64
   with pytest.raises(ValueError, match=r"parameter 'text_encoder\.[a-z_.0-9]+': checkpoint shape .* does not fit"):
-    convert.import_state_dict(sd, convert.variables_template(wider))
+    convert.import_state_dict(sd, models.variables_template(wider.model))
 
 
 def test_missing_and_unexpected_parameters_are_named(tiny):
   config, _, sd, _ = tiny
   partial = {k: v for k, v in sd.items() if "final_layer_norm" not in k}
   with pytest.raises(ValueError, match=r"no parameter 'text_encoder\.ln_final\.(weight|bias)'"):
-    convert.import_state_dict(partial, convert.variables_template(config))
+    convert.import_state_dict(partial, models.variables_template(config.model))
   deeper = config_lib.load_config("configs/tiny.py")
   deeper.model.text.layers = 1
   with pytest.raises(ValueError, match=r"'text_encoder\.transformer\.resblocks\.1\..*' has no place"):
-    convert.import_state_dict(sd, convert.variables_template(deeper))
+    convert.import_state_dict(sd, models.variables_template(deeper.model))
 
 
 def test_pickles_that_run_code_are_refused(tmp_path):
@@ -128,5 +128,5 @@ def test_pos_embed_of_another_grid_is_resized_on_import(tiny):
   config, _, sd, variables = tiny
   bigger = config_lib.load_config("configs/tiny.py")
   bigger.model.image.image_size = 48  # 12x12 grid instead of 8x8
-  imported = convert.import_state_dict(sd, convert.variables_template(bigger))
+  imported = convert.import_state_dict(sd, models.variables_template(bigger.model))
   assert imported["params"]["img_encoder"]["pos_embed"].shape == (1, 144, 32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from groupvit_jax import config_lib
+from groupvit_jax import config_lib, models
 from groupvit_jax.models import build_model, convert
 from groupvit_jax.models.groupvit import l2_normalize
 from tests.models import hf_reference
@@ -97,7 +97,7 @@ def test_parity_with_hf_groupvit(name, path, record_property):
   config, sd, images, text, ref = _case(name)
   if path == "nvlabs":
     sd = hf_reference.hf_to_nvlabs_reference(sd)
-  variables = convert.import_state_dict(sd, convert.variables_template(config), fmt=path)
+  variables = convert.import_state_dict(sd, models.variables_template(config.model), fmt=path)
   ours = _ours(config, variables, images, text)
   report = {}
   _check(ours, ref, report)
