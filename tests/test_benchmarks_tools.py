@@ -2,12 +2,13 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from benchmarks import grouping_quality
+from tests import subprocess_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,7 @@ def test_oracle_names_each_group_by_its_majority_true_class():
   np.testing.assert_array_equal(one, np.zeros((2, 3)))
 
 
+@pytest.mark.slow  # the tool end to end on the tiny config: make test-all
 def test_train_step_benchmark_prints_measured_rows_for_each_tower(tmp_path):
   """The benchmark runs end to end on a tiny batch and every figure it prints is a positive measurement;
   --profile_dir leaves one trace per row.
@@ -38,7 +40,7 @@ def test_train_step_benchmark_prints_measured_rows_for_each_tower(tmp_path):
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--config=configs/tiny.py", "--batch_sizes=2",
          "--dtypes=bfloat16", "--steps=1", "--rounds=1", "--forward=false", "--towers",
          f"--profile_dir={tmp_path}"]
-  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  res = subprocess_util.run(cmd, cwd=REPO, timeout=1800)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["2"]]
   steps = [r for r in rows if len(r) == 13]
@@ -83,8 +85,7 @@ def test_train_step_rounds_alternate_which_side_runs_first():
     print(train_step._alternate(side("ours", [1.0, 0.5, 0.8]), side("theirs", [2.0, 2.0, 1.0]), 4, 3, 2))
     print(calls)
   """
-  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       check=False)
+  res = subprocess_util.run([sys.executable, "-c", code], cwd=REPO, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
   result, calls = res.stdout.splitlines()[-2:]
   assert eval(calls) == [("ours", 1), ("ours", 2), ("theirs", 1), ("theirs", 2),  # pylint: disable=eval-used
@@ -111,8 +112,7 @@ def test_train_step_and_its_benchmark_import_without_tensorflow():
           "sys.meta_path.insert(0, Block())\n"
           "import benchmarks.train_step, groupvit_jax.train_state\n"
           "assert 'tensorflow' not in sys.modules\n")
-  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       check=False)
+  res = subprocess_util.run([sys.executable, "-c", code], cwd=REPO, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -140,13 +140,14 @@ def test_op_profile_reads_each_products_flops_and_dtypes_from_the_compiled_hlo()
   assert "while" in {op.opcode for op in ops.values()}
 
 
+@pytest.mark.slow  # the tool end to end on the tiny config: make test-all
 def test_op_profile_traces_the_step_and_its_products_match_the_analytic_count():
   """The tool runs end to end; the products it finds in the HLO and in the trace add up to the model's
   analytic FLOP count (models/flops.py), which checks both. --torch_profile adds PyTorch's step, whose
   ops' self times add up to about its step time, with its products' time and a table of its top ops."""
   cmd = [sys.executable, "-m", "benchmarks.op_profile", "--config=configs/tiny.py", "--batch_size=2",
          "--dtype=float32", "--steps=2", "--top=5", "--torch_profile"]
-  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  res = subprocess_util.run(cmd, cwd=REPO, timeout=1800)
   assert res.returncode == 0, res.stderr[-3000:]
   line = next(l for l in res.stdout.splitlines() if "all products:" in l)
   traced, program, analytic = (float(w) for w in line.replace(",", " ").split() if w[0].isdigit())
@@ -200,12 +201,13 @@ def test_op_profile_times_an_asynchronous_product_to_its_completion(tmp_path):
   assert 0.5 * wall < trace.ns[products[0]] / 5 / 1e9 < 1.5 * wall, (trace.ns, wall)
 
 
+@pytest.mark.slow  # the tool end to end on the tiny config: make test-all
 def test_attention_bound_times_the_step_with_and_without_the_attentions_products():
   """The free step compiles without the attentions' batched products (only the grouping blocks' remain,
   fewer FLOPs than the real step's) and both times are measured."""
   cmd = [sys.executable, "-m", "benchmarks.attention_bound", "--config=configs/tiny.py", "--batch_size=2",
          "--dtypes=float32", "--steps=1", "--rounds=1"]
-  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  res = subprocess_util.run(cmd, cwd=REPO, timeout=1800)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["float32"]]
   assert len(rows) == 1, res.stdout

@@ -6,13 +6,11 @@ held-out split, object pixels take their object's name far more often than in th
 
 import json
 import os
-import subprocess
 import sys
-
-import pytest
 
 from groupvit_jax import config_lib, demo
 from groupvit_jax.evaluators import seg_datasets
+from tests import subprocess_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 600
@@ -36,7 +34,7 @@ def test_short_demo_learns_to_name_objects(shapes_data_dir, tmp_path):
          f"--eval_every={EVAL_EVERY}", f"--eval_images={EVAL_IMAGES}"]
   # One device and the default matmul precision, as `make demo` runs (not the suite's 8 host devices).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+  res = subprocess_util.run(cmd, cwd=REPO, env=env, timeout=2400)
   out = res.stdout
   assert res.returncode == 0, (out + res.stderr)[-3000:]
   assert f"[demo] step    50/{STEPS}  loss" in out and "ETA" in out and "held-out mIoU" in out
