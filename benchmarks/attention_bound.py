@@ -31,14 +31,14 @@ import numpy as np
 from benchmarks import profiling
 from benchmarks import train_step
 from groupvit_jax import cpu_env
-from groupvit_jax.models import layers
+from groupvit_jax.models import cpu_kernels, layers
 
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 FLAGS = flags.FLAGS
 
 
 def free_batched_dot(a: jax.Array, b: jax.Array, b_contracting: int) -> jax.Array:
-  """`layers._batched_dot`'s output shape and dtype ([B, m, n] float32) from a rank-1 broadcast of one
+  """`cpu_kernels.batched_dot`'s output shape and dtype ([B, m, n] float32) from a rank-1 broadcast of one
   column of `a` and one row of `b`, instead of the product."""
   b_row = b[:, :, 0] if b_contracting == 2 else b[:, 0, :]  # [B, n]
   return a[:, :, :1].astype(jnp.float32) * b_row[:, None, :].astype(jnp.float32)
@@ -50,8 +50,8 @@ _original_attention = layers.attention
 def _heads_major_attention(q, k, v, num_heads, mask=None, implementation="xla"):
   """`layers.attention` through the heads-major core in every dtype (where YNNPACK takes the shapes)."""
   head_dim = q.shape[-1] // num_heads
-  if layers._ynn_extents(q.shape[1], k.shape[1], head_dim):  # pylint: disable=protected-access
-    return layers._attention_heads_major(q, k, v, num_heads, mask)  # pylint: disable=protected-access
+  if cpu_kernels.ynn_extents(q.shape[1], k.shape[1], head_dim):
+    return cpu_kernels.attention_heads_major(q, k, v, num_heads, mask)
   return _original_attention(q, k, v, num_heads, mask, implementation)
 
 
@@ -59,7 +59,7 @@ def _heads_major_attention(q, k, v, num_heads, mask=None, implementation="xla"):
 def free_attention_products():
   """While active, models built and traced run their attention products as `free_batched_dot`."""
   with mock.patch.object(layers, "attention", _heads_major_attention), \
-       mock.patch.object(layers, "_batched_dot", free_batched_dot):
+       mock.patch.object(cpu_kernels, "batched_dot", free_batched_dot):
     yield
 
 

@@ -59,6 +59,8 @@ flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "Ours: the image tower's 
                   "(default: the config's model.attention; cudnn: NVIDIA GPUs, bf16).")
 flags.DEFINE_integer("image_splits", None, "Ours: the image tower on this many independent parts of the batch "
                      "(default: the config's model.image_splits; see GroupViT.image_splits).")
+flags.DEFINE_enum("kernels", None, ["xla", "cpu"], "Ours: the products' formulation (default: 'cpu' on a CPU, "
+                  "where bf16 products then run natively; the config's model.kernels elsewhere).")
 flags.DEFINE_string("profile_dir", None, "Trace 3 of our steps per row into DIR/b<batch>_<dtype>.")
 FLAGS = flags.FLAGS
 
@@ -83,8 +85,12 @@ def measured_peak_tflops(dtype: str, n: int = 1024, reps: int = 20) -> float:
 
 
 def load_config():
-  """--config, with --attention and --image_splits applied."""
+  """--config, with --attention, --kernels and --image_splits applied."""
   config = config_lib.load_config(FLAGS.config)
+  if FLAGS.kernels is not None:
+    config.model.kernels = FLAGS.kernels
+  elif jax.default_backend() == "cpu":
+    config.model.kernels = "cpu"
   if FLAGS.attention is not None:
     config.model.attention = FLAGS.attention
   if FLAGS.image_splits is not None:
@@ -427,7 +433,7 @@ def main(argv):
   config = load_config()
   prompts_at = prompt_length(config)
   print(f"device: {device.device_kind} ({device.platform}), config {FLAGS.config} (image attention "
-        f"{config.model.get('attention', 'xla')}), K={FLAGS.prompts} prompts "
+        f"{config.model.get('attention', 'xla')}, kernels {config.model.get('kernels', 'xla')}), K={FLAGS.prompts} prompts "
         f"(ours at {prompts_at or config.input.context_length} tokens, PyTorch at {config.input.context_length}), "
         f"{peak_note}")
   if FLAGS.torch and device.platform == "gpu":

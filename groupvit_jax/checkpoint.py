@@ -101,4 +101,4 @@ def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
       state = ckptr.restore(os.path.abspath(state_dir))
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
     raise ValueError(f"{state_dir}: not a readable training checkpoint ({type(e).__name__})") from None
-  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}

@@ -24,6 +24,7 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
           gumbel_tau=1.0,
           assign_eps=1.0,
           assign_scale=None,  # the assignment logits' scale; None: dim**-0.5, as the reference
+          pooling="mean",  # final group tokens -> image feature: "mean" (the reference) or "max" (SegCLIP)
       ),
       text=dict(
           context_length=77,
@@ -40,6 +41,9 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
       remat=False,  # rematerialise transformer blocks to save activation memory
       # The image tower's attention: "xla", or "cudnn" (NVIDIA GPUs in bf16/fp16: cuDNN's fused kernel).
       attention="xla",
+      # The products' formulation: "xla" (plain), or "cpu": for bfloat16 on XLA:CPU, every product and its
+      # gradients as bf16 x bf16 -> f32, which it runs natively (models/cpu_kernels.py).
+      kernels="xla",
       image_splits=1,  # one CPU device: the image tower on this many independent parts of the batch
       # The decoder that redraws patches from the final groups (loss.reconstruction_weight); dim 0: none.
       reconstruction=dict(dim=0, depth=1, num_heads=4, mask_ratio=0.0),

@@ -323,7 +323,9 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   if jax.default_backend() == "cpu":
-    for hint in (cpu_env.cpu_malloc_hint(), cpu_env.cpu_bf16_hint(flags.FLAGS.config.model.dtype)):
+    model_config = flags.FLAGS.config.model
+    for hint in (cpu_env.cpu_malloc_hint(), cpu_env.cpu_bf16_hint(model_config.dtype),
+                 cpu_env.cpu_kernels_hint(model_config.dtype, model_config.get("kernels", "xla"))):
       if hint:
         logging.info(hint)
   train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)

@@ -99,7 +99,7 @@ def make_train_step(model, tx, schedule, config, base_rng):
         parts["superpixel_loss"] = kl
       if out["assignments"]:
         parts.update(losses.grouping_diagnostics(out["assignments"]))
-      return loss, (parts, updates["batch_stats"])
+      return loss, (parts, updates.get("batch_stats", {}))
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

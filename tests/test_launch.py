@@ -151,6 +151,11 @@ def test_cpu_bf16_hint_points_cpus_without_native_bf16_to_float32(tmp_path):
   assert "--config.model.dtype=float32" in cpu_env.cpu_bf16_hint("bfloat16", {"avx2", "fma", "avx512f"})
   assert cpu_env.cpu_bf16_hint("bfloat16", {"avx512f", "avx512_bf16"}) is None
   assert cpu_env.cpu_bf16_hint("float32", set()) is None
+  # Where bf16 products are native, the plain kernels get a pointer to the CPU ones.
+  assert "--config.model.kernels=cpu" in cpu_env.cpu_kernels_hint("bfloat16", "xla", {"amx_bf16"})
+  assert cpu_env.cpu_kernels_hint("bfloat16", "cpu", {"amx_bf16"}) is None
+  assert cpu_env.cpu_kernels_hint("bfloat16", "xla", {"avx2"}) is None
+  assert cpu_env.cpu_kernels_hint("float32", "xla", {"amx_bf16"}) is None
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\n")
   assert cpu_env.cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx2", "avx512_bf16"}

@@ -110,6 +110,7 @@ def _bf16_step_metrics(mesh_config, devices):
   from groupvit_jax.train_state import init_sharded_state, make_train_step  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/tiny.py")
   config.model.dtype = "bfloat16"
+  config.model.kernels = "cpu"
   b, ctx, vocab = 8, config.input.context_length, config.model.text.vocab_size
   rng = np.random.RandomState(0)
   text = rng.randint(1, vocab - 2, size=(b, 4, ctx)).astype(np.int32)
@@ -129,7 +130,7 @@ def _bf16_step_metrics(mesh_config, devices):
 
 
 def test_bf16_step_on_a_2x2x2_mesh_matches_one_device():
-  # Below float32 the CPU runs its own products (layers.matmul and the attention core: custom
+  # The "cpu" kernels run their own products below float32 (cpu_kernels.matmul and the attention core: custom
   # gradients over padded operands), so the float32 test above does not cover them sharded. XLA may
   # keep bf16 values in float32 where it fuses ("excess precision"), differently for each
   # partitioning, and at random init the projectors' BatchNorm magnifies such differences (the noise

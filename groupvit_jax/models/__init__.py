@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables, random_variables
-from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS, KERNELS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -24,6 +24,9 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
   """Builds GroupViT from `config.model` (see configs/groupvit_s.py for the fields)."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+  kernels = config.get("kernels", "xla")
+  if kernels not in KERNELS:
+    raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
   attention = config.get("attention", "xla")
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
@@ -46,6 +49,7 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       dtype=_DTYPES[config.dtype],
       remat=config.remat,
       attention=attention,
+      kernels=kernels,
       # Splitting a batch that is sharded over several devices would only move it between them.
       image_splits=config.get("image_splits", 1) if jax.device_count() == 1 else 1,
       reconstruction=dict(config.reconstruction) if config.get("reconstruction", {}).get("dim") else None)

@@ -208,7 +208,7 @@ class GroupingStage(nn.Module):
 class GroupViTImageEncoder(nn.Module):
   """The image tower: patches -> stages of grouping -> final LayerNorm.
 
-  Returns a dict with `tokens` `[batch, final_groups, dim]`, `pooled` `[batch, dim]` (their mean)
+  Returns a dict with `tokens` `[batch, final_groups, dim]`, `pooled` `[batch, dim]` (their mean or max)
   and `assignments`, one `{"hard", "soft"}` dict of `[batch, groups_out, tokens_in]` maps per
   grouping stage. Called on part i of a batch split into n (`batch_part=(i, n)`, n > 1), it also
   returns `gumbel_keys`, the keys its grouping stages drew (None without noise); passed back as
@@ -229,6 +229,8 @@ class GroupViTImageEncoder(nn.Module):
   gumbel_tau: float
   assign_eps: float
   assign_scale: Optional[float] = None  # None: the reference's dim**-0.5
+  # How the final group tokens pool into the image's feature: "mean" (the reference's) or "max" (SegCLIP's).
+  pooling: str = "mean"
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation
@@ -277,7 +279,10 @@ class GroupViTImageEncoder(nn.Module):
         assignments.append(maps)
       keys.append(key)
     x = layer_norm("norm", self.dtype)(x)
-    out = {"tokens": x, "pooled": jnp.mean(x, axis=1), "assignments": assignments}
+    if self.pooling not in ("mean", "max"):
+      raise ValueError(f"model.image.pooling must be 'mean' or 'max', got {self.pooling!r}")
+    pooled = jnp.max(x, axis=1) if self.pooling == "max" else jnp.mean(x, axis=1)
+    out = {"tokens": x, "pooled": pooled, "assignments": assignments}
     if batch_part[1] > 1:
       out["gumbel_keys"] = keys
     return out

@@ -9,7 +9,7 @@ import numpy as np
 
 from groupvit_jax.models.grouping import GroupViTImageEncoder
 from groupvit_jax.models.layers import (BatchNorm, Dtype, dense, param_with_axes, torch_default_bias,
-                                        torch_default_kernel)
+                                        torch_default_kernel, use_kernels)
 from groupvit_jax.models.reconstruction import GroupReconstructor, chain_assignments, random_keep
 from groupvit_jax.models.text_transformer import TextTransformer
 
@@ -63,6 +63,8 @@ class GroupViT(nn.Module):
   # The image tower's attention implementation (layers.attention). The text tower's attention is
   # masked (causal) and stays on "xla".
   attention: str = "xla"
+  # The products' formulation (layers.use_kernels): "xla", or "cpu" (bf16 products XLA:CPU runs natively).
+  kernels: str = "xla"
   # The image tower runs on this many equal parts of the batch, as independent computations (a batch
   # it does not divide runs whole). For one CPU device: XLA:CPU runs each batched matrix product (the
   # attention's) on one thread, and independent parts let its threads share them. Same outputs and
@@ -94,6 +96,10 @@ class GroupViT(nn.Module):
 
   def encode_image(self, images: jax.Array, train: bool = False, return_groups: bool = False
                    ) -> dict[str, Any]:
+    with use_kernels(self.kernels):
+      return self._encode_image(images, train, return_groups)
+
+  def _encode_image(self, images: jax.Array, train: bool, return_groups: bool) -> dict[str, Any]:
     """Images `[batch, height, width, 3]` (normalised) -> embeddings and grouping outputs.
 
     Returns:
@@ -122,7 +128,8 @@ class GroupViT(nn.Module):
     All texts go through the projector's BatchNorm as one batch, as the reference runs caption and
     prompts in one pass.
     """
-    return self.text_projector(self.text_encoder(text), train=train)
+    with use_kernels(self.kernels):
+      return self.text_projector(self.text_encoder(text), train=train)
 
   def reconstruct(self, images: jax.Array, image: dict[str, Any], train: bool) -> tuple[jax.Array, jax.Array]:
     """Every patch's pixels predicted from the final group it was assigned to (the hard maps chained).
@@ -172,14 +179,19 @@ class GroupViT(nn.Module):
     if prompts is not None and (text.ndim != 2 or prompts.ndim != 3):
       raise ValueError(f"with prompts, text must be [batch, length] and prompts [batch, K, length]; got "
                        f"{text.shape} and {prompts.shape}")
-    image = self.encode_image(images, train=train)
+    with use_kernels(self.kernels):
+      return self._forward(images, text, train, prompts)
+
+  def _forward(self, images: jax.Array, text: jax.Array, train: bool, prompts: Optional[jax.Array]
+               ) -> dict[str, Any]:
+    image = self._encode_image(images, train, False)
     if prompts is not None:
       caption = self.text_encoder(text)[:, None]
       is_caption = jnp.all(prompts == 0, axis=-1, keepdims=True)
       features = jnp.concatenate([caption, jnp.where(is_caption, caption, self.text_encoder(prompts))], axis=1)
       text_embeds = self.text_projector(features, train=train)
     else:
-      text_embeds = self.encode_text(text, train=train)
+      text_embeds = self.text_projector(self.text_encoder(text), train=train)
     scale, ml_scale = self.logit_scales()
     out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": ml_scale,
            "assignments": image["assignments"]}
@@ -199,8 +211,10 @@ def init_variables(model: GroupViT, rng: jax.Array, image_size: int, context_len
   images = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
   text = jnp.zeros((batch, context_length), jnp.int32)
   params_rng, gumbel_rng, dropout_rng = jax.random.split(rng, 3)
-  return model.init({"params": params_rng, "gumbel": gumbel_rng, "dropout": dropout_rng}, images, text,
-                    train=False)
+  variables = model.init({"params": params_rng, "gumbel": gumbel_rng, "dropout": dropout_rng}, images, text,
+                         train=False)
+  # A linear projector (projection_layers=1) has no BatchNorm; the collection is kept (empty) all the same.
+  return {"batch_stats": {}, **variables}
 
 
 def random_variables(model: GroupViT, model_config: Any, rng: jax.Array) -> dict[str, Any]:

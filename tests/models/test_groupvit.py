@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from groupvit_jax import config_lib
 from groupvit_jax.models import build_model, init_variables
 from groupvit_jax.models.grouping import assignment_probs
-from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention, attention, matmul
+from groupvit_jax.models.cpu_kernels import matmul
+from groupvit_jax.models.layers import BatchNorm, Dense, SelfAttention, use_kernels
+from groupvit_jax.models.layers import attention as layers_attention
 from groupvit_jax.models.text_transformer import TextTransformer
 from groupvit_jax.models.vit import resize_pos_embed
 
@@ -175,13 +177,18 @@ def _reduce_sum_dtypes(closed_jaxpr):
     (TextTransformer(context_length=8, vocab_size=50, width=32, layers=1, heads=4, dtype=jnp.bfloat16),
      lambda: jnp.tile(jnp.arange(1, 9), (4, 1))),
 ], ids=["dense", "self_attention", "text_transformer"])
-def test_bf16_gradients_sum_in_float32(module, make_input):
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_bf16_gradients_sum_in_float32(module, make_input, kernels):
   # Under bfloat16 compute, the sums in the backward pass (bias, position embedding and softmax
   # denominator gradients) run over float32: XLA:CPU rewrites bfloat16 sums into slow windowed
   # reductions (with flax's nn.Dense they took 15-20 % of the demo towers' backward).
   x = make_input()
   params = module.init(jax.random.key(0), x)
-  loss = lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32)**2)
+
+  def loss(p):
+    with use_kernels(kernels):
+      return jnp.sum(module.apply(p, x).astype(jnp.float32)**2)
+
   dtypes = _reduce_sum_dtypes(jax.make_jaxpr(jax.grad(loss))(params))
   assert dtypes and jnp.dtype(jnp.bfloat16) not in dtypes, dtypes
 
@@ -230,9 +237,13 @@ def test_bf16_matmul_runs_bf16_products_with_float32_results(shape):
 @pytest.mark.parametrize("queries, keys, mask", [
     (20, 20, None), (12, 12, "causal"), (6, 20, "per_sequence"), (1, 12, "per_sequence"), (3, 5, None)])
 def test_bf16_attention_runs_native_products_and_matches_float32(queries, keys, mask):
-  # Below float32 on CPU, attention runs every product of forward and backward as a row-major
-  # bf16 x bf16 -> f32 product (its own VJP); a query vector takes the einsum path, and XLA may upcast
-  # tiny products. All run and stay within bf16 rounding of the float32 result and gradients.
+  # With the "cpu" kernels below float32, attention runs every product of forward and backward as a
+  # row-major bf16 x bf16 -> f32 product (its own VJP); a query vector takes the einsum path, and XLA may
+  # upcast tiny products. All run and stay within bf16 rounding of the float32 result and gradients.
+  def attention(*args):
+    with use_kernels("cpu"):
+      return layers_attention(*args)
+
   b, c, heads = 3, 64, 4
   q, k, v, w = (jax.random.normal(jax.random.key(i), (b, t, c)) for i, t in enumerate((queries, keys, keys, queries)))
   if mask == "causal":
