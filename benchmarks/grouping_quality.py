@@ -25,7 +25,7 @@ flags.DEFINE_string("config", "configs/demo.py", "Config (path[:arg]) the workdi
 flags.DEFINE_string("workdir", "untrained", "Training workdir, or 'untrained' for the random initialisation.")
 flags.DEFINE_string("data", None, "VOC-layout held-out folder (default: the demo's for this config).")
 flags.DEFINE_integer("images", 200, "Images to evaluate.")
-flags.DEFINE_float("bg_threshold", 0.5, "Background threshold (the demo's).")
+flags.DEFINE_float("bg_threshold", 0.95, "Background threshold (the demo's).")
 FLAGS = flags.FLAGS
 
 

@@ -3,12 +3,18 @@
   python -m groupvit_jax.demo --workdir=/tmp/gvj_demo
   python -m groupvit_jax.train --config=configs/demo.py:data_dir=/tmp/tfds --workdir=/tmp/gvj_demo
 
-Arguments (`configs/demo.py:key=value,...`) choose the variant the README's ablation table compares:
-  multi_label=0      contrastive loss on captions only
-  hard=0             soft assignment (no gumbel, no straight-through)
-  stages=1           one grouping stage (8 groups) instead of two (16 -> 8)
-  stages=0           a plain ViT (no grouping): pixels take the class of their patch's embedding
-  steps, batch, lr, warmup, size, patch, dim, crop (smallest crop area; 1: none), templates (of the
+The default recipe: one grouping stage (64 patch tokens -> 8 groups, 4 blocks before it and 1 after),
+hard gumbel assignment, a linear projector, the contrastive and multi-label losses, and the
+reconstruction of every patch from its group (weight 5, a 1-block decoder). docs/demo.md compares it with
+the variants these arguments (`configs/demo.py:key=value,...`) select:
+  stages=2            two grouping stages (groups1 -> groups2: 16 -> 8), the paper's layout
+  stages=0            a plain ViT (no grouping): pixels take the class of their patch's embedding
+  recon=0             no reconstruction loss; mask=0.75 reconstructs from a second pass over a quarter
+                      of the patches; recon_dim, recon_depth, norm_pix: the decoder and its targets
+  superpixels=1       the superpixel consistency loss (Felzenszwalb superpixels in tf.data)
+  proj_layers=2       the paper's BatchNorm MLP projector; pooling=max: SegCLIP's max over the groups
+  multi_label=0, hard=0, assign_scale, groups1, groups2, depth1, final_depth: the model's other knobs
+  steps, batch, lr, warmup, seed, size, patch, dim, crop (smallest crop area; 1: none), templates (of the
   training prompts): the recipe's knobs; world: the shapes-world builder config (default coded<size>,
   the world where each class has its own colour; size<size> is the standard world of random colours).
 """
@@ -23,9 +29,9 @@ from groupvit_jax import config_lib
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(
       arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
-      stages=2, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
-      world="", groups1=16, groups2=8, recon=0.0, mask=0.0, recon_dim=64, recon_depth=1, norm_pix=0,
-      superpixels=0.0, seed=0, assign_scale=0.0, proj_layers=2, pooling="mean", depth1=4, final_depth=1)
+      stages=1, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
+      world="", groups1=16, groups2=8, recon=5.0, mask=0.0, recon_dim=64, recon_depth=1, norm_pix=0,
+      superpixels=0.0, seed=0, assign_scale=0.0, proj_layers=1, pooling="mean", depth1=4, final_depth=1)
   config = config_lib.training_defaults()
   model = config_lib.groupvit_s_model()
   if arg.stages == 2:

@@ -62,7 +62,7 @@ def heldout_evals(config, root: str, num_images: int, bg_threshold: float) -> di
   return {"heldout": heldout_evaluator(config, root, bg_threshold)}
 
 
-def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.5) -> dict[str, Any]:
+def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.95) -> dict[str, Any]:
   """Trains and evaluates; returns the final held-out result (metrics.json of the last evaluation)."""
   if not config.eval_every or config.total_steps % config.eval_every:
     raise ValueError(f"the demo evaluates the final step: eval_every ({config.eval_every}) must divide the "
@@ -195,7 +195,8 @@ def _define_flags():
   flags.DEFINE_string("workdir", "/tmp/groupvit_jax_demo", "Where checkpoints, metrics and pictures go.")
   flags.DEFINE_integer("eval_every", 300, "Evaluate the held-out split every N steps (the curve).")
   flags.DEFINE_integer("eval_images", 200, "Held-out images (seed training never saw).")
-  flags.DEFINE_float("bg_threshold", 0.5, "Background threshold of the zero-shot segmentation.")
+  flags.DEFINE_float("bg_threshold", 0.95, "Background threshold of the zero-shot segmentation (the "
+                     "reference's for VOC).")
 
 
 if __name__ == "__main__":

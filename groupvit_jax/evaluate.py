@@ -15,7 +15,7 @@ ground truth | group maps per stage) into `--output_dir`, atomically: everything
 temporary directory that replaces the output directory only when complete.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from groupvit_jax import checkpoint
@@ -27,6 +27,8 @@ from groupvit_jax.pp import tokenizers
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f["verbosity"].present:  # the table, not the libraries' INFO lines (--verbosity=0 shows them)
+    logging.set_verbosity(logging.WARNING)
   config = f.config
   if f.tokenizer:
     config.input.tokenizer = f.tokenizer

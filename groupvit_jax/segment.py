@@ -10,7 +10,7 @@ the background threshold stay uncoloured; --bg_threshold=0 assigns every pixel a
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
@@ -37,6 +37,8 @@ flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f["verbosity"].present:  # results, not the libraries' INFO lines (--verbosity=0 shows them)
+    logging.set_verbosity(logging.WARNING)
   if not os.path.exists(f.image):
     raise app.UsageError(f"--image {f.image!r} does not exist")
   classes = [c.strip() for c in f.classes if c.strip()]

@@ -1,4 +1,4 @@
-"""The optimizer's pieces against the reference's PyTorch equivalents."""
+"""The optimizer's pieces against the reference's PyTorch counterparts."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -6,7 +6,7 @@ from transformers import GroupViTConfig, GroupViTModel
 
 
 def hf_config(model_cfg) -> GroupViTConfig:
-  """Our `config.model` -> the equivalent HF GroupViTConfig."""
+  """Our `config.model` -> the matching HF GroupViTConfig."""
   img, txt = model_cfg.image, model_cfg.text
   if len(set(img.num_heads)) != 1:
     raise ValueError("HF GroupViT uses one head count for all stages")
