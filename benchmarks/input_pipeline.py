@@ -6,6 +6,7 @@ Measures images/s (and per host core) for
   1. the shapes world at 64 px (TFDS, PNG decode, random resized crop, flip, nouns, 3 prompts),
   2. 224-px JPEG TFRecord shards with noun prompts (generated here: shapes-world scenes at 320 px,
      JPEG q90), tokenized with SentencePiece (in-graph) and with CLIP BPE (Python via numpy_function),
+  each also with the superpixels op (Felzenszwalb on the host) that the superpixel loss needs,
 and the noun extractor's captions/s, and its precision/recall against textblob's POS tagger.
 """
 
@@ -76,11 +77,15 @@ def main(argv):
       data=[dict(kind="shapes", config="size64", split="train", data_dir=os.path.join(FLAGS.workdir, "tfds"))],
       pp="decode|random_resized_crop(64)|flip|normalize|nouns|prompts(3)", context_length=77))
   rows.append(("shapes world 64px, sentencepiece", _time(shapes_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
+  shapes_cfg.pp = "decode|random_resized_crop(64)|flip|superpixels(8)|normalize|nouns|prompts(3)"
+  rows.append(("  + superpixels (patch 8)", _time(shapes_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
   jpeg_cfg = ml_collections.ConfigDict(dict(
       data=[dict(kind="tfrecord", patterns=[_jpeg_shards(os.path.join(FLAGS.workdir, "jpeg"))])],
       pp="random_resized_crop(224)|flip|normalize|nouns|prompts(3)", context_length=77))
   rows.append(("224px JPEG shards + prompts, sentencepiece", _time(jpeg_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
   rows.append(("224px JPEG shards + prompts, CLIP BPE", _time(jpeg_cfg, clip, FLAGS.batches, FLAGS.batch_size)))
+  jpeg_cfg.pp = "random_resized_crop(224)|flip|superpixels(16)|normalize|nouns|prompts(3)"
+  rows.append(("  + superpixels (patch 16), sentencepiece", _time(jpeg_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
   print(f"\n{'pipeline':<46}{'images/s':>10}{'per core':>10}")
   for name, ips in rows:
     print(f"{name:<46}{ips:>10.0f}{ips / cores:>10.0f}")
