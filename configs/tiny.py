@@ -4,7 +4,7 @@
   python -m groupvit_jax.train --config=configs/tiny.py:data_dir=/data/tfds --workdir=/tmp/gvj_tiny
 
 The argument `data_dir` says where the shapes world is generated (default $GROUPVIT_JAX_DATA or
-/tmp/groupvit_jax_tfds).
+/tmp/groupvit_jax_tfds); `prompt_length=N` encodes the prompts at N tokens apart from the caption.
 """
 
 import os
@@ -15,7 +15,8 @@ from groupvit_jax import config_lib
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"))
+  arg = config_lib.parse_arg(arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"),
+                             prompt_length=0)
   config = config_lib.training_defaults()
   model = config_lib.groupvit_s_model()
   model.image.update(image_size=32, patch_size=4, dim=32, depths=(2, 1, 1), num_heads=(2, 2, 2),
@@ -26,7 +27,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.input.update(
       data=[dict(kind="shapes", config="tiny32", split="train", data_dir=arg.data_dir)],
       pp="decode|random_resized_crop(32, scale=(0.5, 1.0))|flip|normalize|nouns|prompts(3)",
-      context_length=16, batch_size=16, num_examples=2000)
+      context_length=16, batch_size=16, num_examples=2000, prompt_length=arg.prompt_length or None)
   config.total_epochs = None
   config.warmup_epochs = None
   config.total_steps = 30

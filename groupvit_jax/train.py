@@ -38,12 +38,13 @@ class MetricsLog:
   """TensorBoard/console via clu, plus `metrics.jsonl` (one line per logged step) on process 0."""
 
   def __init__(self, workdir: str, resumed_step: int = 0):
-    """`resumed_step`: the step a resumed run restarts from; rows logged after it by the interrupted run
-    are dropped, so every step appears once (TensorBoard drops them itself on the step going back)."""
+    """`resumed_step`: the step this run starts from (0 when no checkpoint had finished); rows an
+    interrupted run logged after it are dropped, so every step appears once (TensorBoard drops them
+    itself when the step goes back)."""
     self.primary = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary, asynchronous=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if self.primary and resumed_step and os.path.exists(self.path):
+    if self.primary and os.path.exists(self.path):
       with open(self.path) as f:
         rows = [line for line in f if line.strip() and _row_step(line) is not None and _row_step(line) <= resumed_step]
       tmp = self.path + ".tmp"

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from groupvit_jax import config_lib, demo
 from groupvit_jax.evaluators import seg_datasets
 from tests import subprocess_util

@@ -144,8 +144,8 @@ def test_bf16_step_on_a_2x2x2_mesh_matches_one_device():
     np.testing.assert_allclose(eight[key], one[key], rtol=3e-3, err_msg=key)
 
 
-def _train_cmd(data_dir, workdir, *extra):
-  return [sys.executable, "-m", "groupvit_jax.train", f"--config=configs/tiny.py:data_dir={data_dir}",
+def _train_cmd(data_dir, workdir, *extra, config_arg=""):
+  return [sys.executable, "-m", "groupvit_jax.train", f"--config=configs/tiny.py:data_dir={data_dir}{config_arg}",
           f"--workdir={workdir}", "--config.log_every=1", *extra]
 
 
@@ -168,16 +168,17 @@ def test_two_processes_on_localhost_train(shapes_data_dir, tmp_path, capfd):
   assert sorted(m) == [1, 2, 3] and all(np.isfinite(m[s]["loss"]) for s in m)
 
 
-# Short prompts (6 tokens) cut some noun prompts: data/prompts_cut grows every step, a running total the
+# Prompts at 6 tokens (RESUME_CONFIG) cut some noun prompts: data/prompts_cut grows every step, a running total the
 # checkpoint must carry across a resume.
-RESUME_FLAGS = ("--config.total_steps=16", "--config.checkpoint_every=4", "--config.input.prompt_length=6")
+RESUME_FLAGS = ("--config.total_steps=16", "--config.checkpoint_every=4")
+RESUME_CONFIG = ",prompt_length=6"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(shapes_data_dir, tmp_path_factory):
   # Same process setup as the interrupted runs (one device, default flags), so numbers compare exactly.
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS)
+  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS, config_arg=RESUME_CONFIG)
   res = subprocess_util.run(cmd, cwd=REPO, env=_env(), timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   return _metrics(workdir)
@@ -210,7 +211,7 @@ def _run_until(cmd, workdir, step, sig):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_resume_after_preemption_or_crash_continues_exactly(sig, uninterrupted, shapes_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS)
+  cmd = _train_cmd(shapes_data_dir, workdir, *RESUME_FLAGS, config_arg=RESUME_CONFIG)
   rc, out = _run_until(cmd, workdir, 6, sig)
   stopped = max(r["step"] for r in _all_rows(workdir))
   assert stopped < 16, "the run finished before the signal; cannot test resume"
