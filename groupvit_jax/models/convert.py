@@ -16,7 +16,6 @@ from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
-import jax
 import numpy as np
 
 from groupvit_jax.models.vit import resize_pos_embed
