@@ -3,6 +3,7 @@
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -37,8 +38,7 @@ def load_variables(directory: str, template: Mapping[str, Any] | None = None) ->
           nn.unbox(dict(template)))
       return ckptr.restore(directory, target)
     except Exception as e:  # Orbax raises many types; the path is what the user needs.
-      raise ValueError(f"{directory}: not a readable groupvit-jax checkpoint ({type(e).__name__}: "
-                       f"{str(e)[:300]})") from None
+      raise ValueError(f"not a readable checkpoint: {directory} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 class TrainCheckpointer:
@@ -72,6 +72,34 @@ class TrainCheckpointer:
         **{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}, data=ocp.args.JsonRestore()))
     return restored[STATE_ITEM], restored["data"]
 
+  def restore_latest_readable(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back; None when there is none.
+
+    A checkpoint that fails to read (a cut or corrupted file) is reported loudly, moved aside to
+    `<step>.damaged` (kept for inspection; the step can then be saved again) and the previous one is
+    tried. Raises ValueError naming the directory when checkpoints exist and none is readable.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # Orbax raises many types; which step and why is what the user needs.
+        path = self.manager.directory / str(step)
+        logging.warning("checkpoint %s is not readable (%s: %s); moved to %s.damaged, trying the previous one",
+                        path, type(e).__name__, _first_line(e), path)
+        if jax.process_index() == 0:
+          path.rename(path.parent / f"{step}.damaged")
+        damaged.append(step)
+        continue
+      if damaged:
+        self.manager.reload()
+      return restored
+    if damaged:
+      self.manager.reload()
+      raise ValueError(f"{self.manager.directory}: no readable checkpoint (steps {damaged} are damaged, "
+                       f"moved to <step>.damaged)")
+    return None
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -88,17 +116,66 @@ STATE_ITEM = "state"
 def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
   """`{"params", "batch_stats"}` of a converted checkpoint (`save_variables`) or of a training workdir's
   latest checkpoint, for the model `model_config` (`config.model`) describes."""
+  from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
+  template = nn.unbox(variables_template(model_config))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path}: no such directory")
   ckpts = os.path.join(path, CHECKPOINTS)
   if not os.path.isdir(ckpts):
-    from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
-    return load_variables(path, nn.unbox(variables_template(model_config)))
+    check_fits(path, template)
+    return load_variables(path, template)
   steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
   if not steps:
     raise FileNotFoundError(f"{ckpts}: no finished checkpoint")
   state_dir = os.path.join(ckpts, str(steps[-1]), STATE_ITEM)
+  check_fits(state_dir, template)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       state = ckptr.restore(os.path.abspath(state_dir))
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
-    raise ValueError(f"{state_dir}: not a readable training checkpoint ({type(e).__name__})") from None
+    raise ValueError(f"not a readable checkpoint: {state_dir} ({type(e).__name__}: {_first_line(e)})") from None
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
+def check_fits(directory: str, template: Mapping[str, Any]) -> None:
+  """Compares a checkpoint's array shapes (its metadata, nothing read) with the model's variables.
+
+  Raises ValueError naming the first parameter that is missing, extra or of another shape, so a
+  checkpoint evaluated with the wrong config says so before any model is built.
+  """
+  directory = os.path.abspath(directory)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # a train state's item has no step metadata file: Orbax warns
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(directory)
+  except Exception as e:  # Orbax raises many types; the path is what the user needs.
+    raise ValueError(f"not a readable checkpoint: {directory} ({type(e).__name__}: {_first_line(e)})") from None
+  finally:
+    logging.set_verbosity(verbosity)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, Mapping) or "params" not in tree:
+    raise ValueError(f"not a readable checkpoint: {directory} (no array metadata with params)")
+
+  def shapes(t):
+    leaves = jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+  have = shapes({k: v for k, v in dict(tree).items() if k in ("params", "batch_stats")})
+  want = shapes(dict(template))
+  for name in sorted(want):
+    if name not in have:
+      raise ValueError(f"checkpoint {directory} does not fit the config: it has no {name} {want[name]}")
+    if have[name] != want[name]:
+      raise ValueError(f"checkpoint {directory} does not fit the config: {name} is {have[name]} in the "
+                       f"checkpoint, {want[name]} in the config")
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ValueError(f"checkpoint {directory} does not fit the config: the config has no {extra[0]} "
+                     f"{have[extra[0]]} ({len(extra)} such)")
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = (str(error).strip().splitlines() or [""])[0]
+  return text.split(" See full TensorStore details")[0][:limit]

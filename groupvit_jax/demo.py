@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from groupvit_jax import train
+from groupvit_jax import cli, train
 from groupvit_jax.evaluators import segmentation
 from groupvit_jax.datasets import shapes, shapes_tfds, sources
 from groupvit_jax.models import build_model, random_variables
@@ -201,5 +201,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,9 @@ ground truth | group maps per stage) into `--output_dir`, atomically: everything
 temporary directory that replaces the output directory only when complete.
 """
 
-from absl import app, flags, logging
+from groupvit_jax import cli  # first: TensorFlow imported with its native start-up lines silenced
+
+from absl import flags
 from ml_collections import config_flags
 
 from groupvit_jax import checkpoint
@@ -27,8 +29,6 @@ from groupvit_jax.pp import tokenizers
 def main(argv):
   del argv
   f = flags.FLAGS
-  if not f["verbosity"].present:  # the table, not the libraries' INFO lines (--verbosity=0 shows them)
-    logging.set_verbosity(logging.WARNING)
   config = f.config
   if f.tokenizer:
     config.input.tokenizer = f.tokenizer
@@ -83,4 +83,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

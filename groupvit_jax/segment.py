@@ -10,12 +10,15 @@ the background threshold stay uncoloured; --bg_threshold=0 assigns every pixel a
 
 import os
 
-from absl import app, flags, logging
+from groupvit_jax import cli  # first: TensorFlow imported with its native start-up lines silenced
+
+from absl import flags
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
 from groupvit_jax import checkpoint, viz
+from groupvit_jax.evaluators import seg_datasets
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter
 from groupvit_jax.models import build_model
 from groupvit_jax.pp import tokenizers
@@ -37,13 +40,12 @@ flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
 def main(argv):
   del argv
   f = flags.FLAGS
-  if not f["verbosity"].present:  # results, not the libraries' INFO lines (--verbosity=0 shows them)
-    logging.set_verbosity(logging.WARNING)
   if not os.path.exists(f.image):
-    raise app.UsageError(f"--image {f.image!r} does not exist")
+    raise cli.UserError(f"--image: {f.image}: no such file")
   classes = [c.strip() for c in f.classes if c.strip()]
   if not classes:
-    raise app.UsageError("--classes needs at least one name")
+    raise cli.UserError("--classes: expected at least one class name")
+  image = np.asarray(seg_datasets.read_image(f.image).convert("RGB"))
   config = f.config
   model = build_model(config.model)
   variables = checkpoint.load_model_variables(f.checkpoint, config.model)
@@ -51,7 +53,6 @@ def main(argv):
   segmenter = ZeroShotSegmenter(model, variables, classes, tokenizers.get_tokenizer(config.input.tokenizer),
                                 patch_size=config.model.image.patch_size, context_length=config.input.context_length,
                                 bg_threshold=bg, mode=f.mode, crop=f.crop, stride=f.stride, short_side=f.short_side)
-  image = np.asarray(Image.open(f.image).convert("RGB"))
   pred, groups = segmenter.predict(image, return_groups=True)
   names = (["background"] if bg is not None else []) + classes
   if bg is None:
@@ -74,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,8 @@ import signal
 import time
 from typing import Callable
 
+from groupvit_jax import cli  # first: TensorFlow imported with its native start-up lines silenced
+
 from absl import app, flags, logging
 from clu import metric_writers, periodic_actions
 import flax.linen as nn
@@ -152,12 +154,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                                           config.keep_checkpoints)
   positions = [0] * jax.process_count()
   counters = [{}] * jax.process_count()
-  if ckpt.latest_step() is not None:
-    state, data = ckpt.restore(ckpt.latest_step(), jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+  restored = ckpt.restore_latest_readable(jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+  if restored is not None:
+    state, data = restored
     positions = data["positions"]
     counters = data.get("counters", counters)
     logging.info("resumed from step %d (data positions %s)", int(state.step), positions)
+    if progress:
+      print(f"resumed from step {int(state.step)}", flush=True)
   elif config.init_from:
     variables = checkpoint_lib.load_variables(config.init_from, {"params": state.params,
                                                                  "batch_stats": state.batch_stats})
@@ -313,6 +318,7 @@ def main(argv):
   if flags.FLAGS.config is None:
     raise app.UsageError("--config is required")
   config_lib.resolve_data(flags.FLAGS.config)
+  sources.check(flags.FLAGS.config.input.data)
   maybe_initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX.
@@ -329,7 +335,26 @@ def main(argv):
                  cpu_env.cpu_kernels_hint(model_config.dtype, model_config.get("kernels", "xla"))):
       if hint:
         logging.info(hint)
-  train_and_evaluate(flags.FLAGS.config, workdir, flags.FLAGS.stop_after)
+  config = flags.FLAGS.config
+  show = progress_printer(config_lib.steps(config, "total"), config.input.batch_size)
+  last = train_and_evaluate(config, workdir, flags.FLAGS.stop_after,
+                            progress=show if jax.process_index() == 0 else None)
+  if jax.process_index() == 0 and last:
+    print(f"done: {workdir} (metrics.jsonl, checkpoints/)", flush=True)
+
+
+def progress_printer(total_steps: int, batch_size: int) -> Callable[[int, dict[str, float]], None]:
+  """The command line's progress: one line per logged step (loss, rate, skipped data) and per evaluation."""
+  def show(step: int, scalars: dict[str, float]):
+    if "loss" in scalars:
+      rate = scalars.get("examples_per_sec", 0.0) / batch_size
+      skipped = int(scalars.get("data/skipped_examples", 0))
+      extra = f"  skipped examples {skipped}" if skipped else ""
+      print(f"step {step}/{total_steps}  loss {scalars['loss']:.4f}  {rate:.1f} steps/s{extra}", flush=True)
+    else:
+      shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(scalars.items()) if k != "train_seconds")
+      print(f"step {step}  {shown}", flush=True)
+  return show
 
 
 def _define_flags():
@@ -345,4 +370,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

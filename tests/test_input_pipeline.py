@@ -152,7 +152,9 @@ def test_webdataset_conversion_round_trips(clip, tmp_path):
   out = str(tmp_path / "out")
   counts = webdataset_to_tfrecord.convert([str(tmp_path / "*.tar")], out, examples_per_shard=4,
                                           precompute_nouns=True)
-  assert counts == {"written": 6, "skipped": 1, "shards": 2}
+  assert {k: counts[k] for k in ("written", "skipped", "shards")} == {"written": 6, "skipped": 1, "shards": 2}
+  assert [(os.path.basename(s["tar"]), s["key"]) for s in counts["skipped_samples"]] == [("b.tar", "000000004")]
+  assert counts["damaged_tars"] == []
   assert not tf.io.gfile.glob(os.path.join(out, "*.tmp"))
   records = [tf.train.Example.FromString(r.numpy()) for r in
              tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(os.path.join(out, "*.tfrecord"))))]

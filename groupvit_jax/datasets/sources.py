@@ -16,7 +16,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 def expand_patterns(patterns: Sequence[str]) -> list[str]:
   """Globs (local or gs://) -> sorted file list; raises naming the pattern that matched nothing."""
   files = []
-  for pattern in patterns:
+  for pattern in [patterns] if isinstance(patterns, str) else patterns:
     matched = sorted(tf.io.gfile.glob(pattern))
     if not matched:
       raise FileNotFoundError(f"no files match {pattern!r}")
@@ -111,6 +111,19 @@ def shapes_source(config: str = "size64", split: str = "train", *, data_dir: str
   if not use_nouns:
     ds = ds.map(lambda ex: {"image": ex["image"], "text": ex["text"]})
   return ds
+
+
+def check(cfgs: Sequence[Any]) -> None:
+  """The cheap checks, before any model is built: a known kind per source, globs that match files."""
+  if not cfgs:
+    raise ValueError("input.data lists no source")
+  kinds = ("tfrecord", "tfds", "shapes")
+  for cfg in cfgs:
+    kind = dict(cfg).get("kind")
+    if kind not in kinds:
+      raise ValueError(f"input.data: unknown data source kind {kind!r}; expected one of {list(kinds)}")
+    if kind == "tfrecord":
+      expand_patterns(cfg["patterns"])
 
 
 def prepare(cfgs: Sequence[Any]) -> None:

@@ -7,11 +7,17 @@ Output: tf.train.Example records in img2dataset's TFRecord schema (`key`, `jpg` 
 member's extension), `txt`), plus `nouns` when `--nouns` precomputes them with the offline POS tagger
 (the pipeline then prefers them to its lexicon). Members are read one sample at a time: shards of any
 size stream through in constant memory. A sample without an image or a caption is skipped and counted.
+A truncated or corrupt tar keeps every complete sample before the damage, and the conversion goes on
+with the next tar. `report.json` beside the shards lists the counts, each skipped sample (tar, key,
+reason) and each damaged tar.
 """
 
+import json
 import os
 import tarfile
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
+
+from groupvit_jax import cli  # first: TensorFlow imported with its native start-up lines silenced
 
 import tensorflow as tf
 
@@ -19,25 +25,50 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
 
 
-def iter_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-  """Yields (key, {ext: bytes}) per sample; webdataset keeps a sample's members consecutive."""
+def iter_samples(tar_path: str, damage: Optional[list[dict[str, Any]]] = None
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+  """Yields (key, {ext: bytes}) per sample; webdataset keeps a sample's members consecutive.
+
+  A tar that ends early or is corrupt stops here: the members read completely so far are still
+  yielded, and `{"tar", "after_key", "reason"}` is appended to `damage` (raised when `damage` is None).
+  """
   current_key, current = None, {}
-  with tf.io.gfile.GFile(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-    for member in tar:
-      if not member.isfile():
-        continue
-      base = os.path.basename(member.name)
-      if "." not in base:
-        continue
-      key, ext = base.split(".", 1)
-      key = os.path.join(os.path.dirname(member.name), key)
-      if key != current_key and current_key is not None:
-        yield current_key, current
-        current = {}
-      current_key = key
-      current[ext.lower()] = tar.extractfile(member).read()
+  try:
+    with tf.io.gfile.GFile(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        base = os.path.basename(member.name)
+        if "." not in base:
+          continue
+        key, ext = base.split(".", 1)
+        key = os.path.join(os.path.dirname(member.name), key)
+        if key != current_key and current_key is not None:
+          yield current_key, current
+          current = {}
+        current_key = key
+        current[ext.lower()] = tar.extractfile(member).read()
+    size = tf.io.gfile.stat(tar_path).length
+    if size % tarfile.BLOCKSIZE:  # a cut inside a member's header reads as a clean end of the archive
+      raise tarfile.ReadError(f"size {size} is not a whole number of {tarfile.BLOCKSIZE}-byte blocks: truncated")
+  except (tarfile.TarError, EOFError, OSError, tf.errors.OpError) as e:
+    if damage is None:
+      raise ValueError(f"{tar_path}: truncated or corrupt tar ({type(e).__name__}: {e})") from e
+    damage.append({"tar": tar_path, "after_key": current_key, "reason": f"{type(e).__name__}: {e}"})
   if current_key is not None:
     yield current_key, current
+
+
+def skip_reason(sample: dict[str, bytes]) -> Optional[str]:
+  """Why a sample cannot become an example (None when it can)."""
+  image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+  if image_ext is None:
+    return f"no image member (expected one of {', '.join(IMAGE_EXTS)}; has {', '.join(sorted(sample))})"
+  if not sample[image_ext]:
+    return f"empty {image_ext} member"
+  if next((e for e in TEXT_EXTS if e in sample), None) is None:
+    return f"no caption member (expected one of {', '.join(TEXT_EXTS)}; has {', '.join(sorted(sample))})"
+  return None
 
 
 def make_example(key: str, sample: dict[str, bytes], nouns: Optional[list[str]] = None
@@ -59,11 +90,12 @@ def make_example(key: str, sample: dict[str, bytes], nouns: Optional[list[str]] 
 
 
 def convert(patterns: list[str], output_dir: str, examples_per_shard: int = 10_000,
-            precompute_nouns: bool = False) -> dict[str, int]:
-  """Converts every matching tar; returns counts (`written`, `skipped`, `shards`).
+            precompute_nouns: bool = False) -> dict[str, Any]:
+  """Converts every matching tar; returns (and writes to `report.json`) the report: counts (`written`,
+  `skipped`, `shards`), `skipped_samples` (tar, key, reason) and `damaged_tars` (tar, after_key, reason).
 
   Shards are written to a temporary name and renamed when complete, so an interrupted run never
-  leaves a truncated shard under a final name.
+  leaves a truncated shard under a final name (nor a temporary file: it is removed).
   """
   from groupvit_jax.datasets.sources import expand_patterns  # pylint: disable=g-import-not-at-top
   tagger = None
@@ -72,6 +104,7 @@ def convert(patterns: list[str], output_dir: str, examples_per_shard: int = 10_0
     tagger = lambda text: tagger_nouns([text])[0]
   tf.io.gfile.makedirs(output_dir)
   counts = {"written": 0, "skipped": 0, "shards": 0}
+  skipped, damaged = [], []
   writer, tmp_path, final_path, in_shard = None, None, None, 0
 
   def close():
@@ -80,27 +113,41 @@ def convert(patterns: list[str], output_dir: str, examples_per_shard: int = 10_0
       tf.io.gfile.rename(tmp_path, final_path, overwrite=True)
       counts["shards"] += 1
 
-  for tar_path in expand_patterns(patterns):
-    for key, sample in iter_samples(tar_path):
-      text = next((sample[e] for e in TEXT_EXTS if e in sample), b"").decode("utf-8", "replace")
-      ex = make_example(key, sample, tagger(text) if tagger and text else None)
-      if ex is None:
-        counts["skipped"] += 1
-        continue
-      if writer is None or in_shard >= examples_per_shard:
-        close()
-        final_path = os.path.join(output_dir, f"shard-{counts['shards']:05d}.tfrecord")
-        tmp_path = final_path + ".tmp"
-        writer, in_shard = tf.io.TFRecordWriter(tmp_path), 0
-      writer.write(ex.SerializeToString())
-      in_shard += 1
-      counts["written"] += 1
-  close()
-  return counts
+  try:
+    for tar_path in expand_patterns(patterns):
+      for key, sample in iter_samples(tar_path, damaged):
+        reason = skip_reason(sample)
+        if reason is not None:
+          counts["skipped"] += 1
+          skipped.append({"tar": tar_path, "key": key, "reason": reason})
+          continue
+        text = next(sample[e] for e in TEXT_EXTS if e in sample).decode("utf-8", "replace")
+        ex = make_example(key, sample, tagger(text) if tagger and text else None)
+        if writer is None or in_shard >= examples_per_shard:
+          close()
+          final_path = os.path.join(output_dir, f"shard-{counts['shards']:05d}.tfrecord")
+          tmp_path = final_path + ".tmp"
+          writer, in_shard = tf.io.TFRecordWriter(tmp_path), 0
+        writer.write(ex.SerializeToString())
+        in_shard += 1
+        counts["written"] += 1
+    close()
+  except BaseException:
+    if writer is not None and tf.io.gfile.exists(tmp_path):  # an unfinished shard is never left behind
+      writer.close()
+      tf.io.gfile.remove(tmp_path)
+    raise
+  report = dict(counts, skipped_samples=skipped, damaged_tars=damaged)
+  tmp_report = os.path.join(output_dir, "report.json.tmp")
+  with tf.io.gfile.GFile(tmp_report, "w") as f:
+    json.dump(report, f, indent=1)
+  tf.io.gfile.rename(tmp_report, os.path.join(output_dir, "report.json"), overwrite=True)
+  return report
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_list("input", None, "Glob(s) of webdataset .tar shards (local or gs://).", required=True)
   flags.DEFINE_string("output_dir", None, "Where to write shard-NNNNN.tfrecord.", required=True)
   flags.DEFINE_integer("examples_per_shard", 10_000, "Examples per output shard.")
@@ -109,6 +156,11 @@ if __name__ == "__main__":
   def _main(argv):
     del argv
     f = flags.FLAGS
-    print(convert(f.input, f.output_dir, f.examples_per_shard, f.nouns))
+    report = convert(f.input, f.output_dir, f.examples_per_shard, f.nouns)
+    for d in report["damaged_tars"]:
+      print(f"warning: {d['tar']}: truncated or corrupt after sample {d['after_key']!r}, kept the samples "
+            f"before ({d['reason']})", file=sys.stderr)
+    print(f"wrote {report['written']} examples in {report['shards']} shards to {f.output_dir}; skipped "
+          f"{report['skipped']} samples, {len(report['damaged_tars'])} damaged tars (report.json)")
 
-  app.run(_main)
+  cli.run(_main)

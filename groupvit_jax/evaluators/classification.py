@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from groupvit_jax.evaluators.registry import register
-from groupvit_jax.evaluators.seg_datasets import IMAGE_EXTS
+from groupvit_jax.evaluators.seg_datasets import IMAGE_EXTS, read_image
 from groupvit_jax.evaluators.segmentation import MEAN, STD, cached_jit, class_embeddings
 from groupvit_jax.models.groupvit import l2_normalize
 from groupvit_jax.pp import tokenizers
@@ -69,7 +69,7 @@ def load_folder(root: str) -> ClassificationSet:
 
 def preprocess(path: str, size: int) -> np.ndarray:
   """Short side to size / 0.875 (bicubic), centre crop, normalise: `[size, size, 3]` float32."""
-  image = Image.open(path).convert("RGB")
+  image = read_image(path).convert("RGB")
   w, h = image.size
   short = int(size / CROP_PCT)
   scale = short / min(w, h)

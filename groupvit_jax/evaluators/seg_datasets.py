@@ -164,14 +164,24 @@ def load(name: str, root: str) -> SegDataset:
   return LAYOUTS[name](root)
 
 
+def read_image(path: str) -> Image.Image:
+  """The decoded image; a truncated or corrupt file raises ValueError naming it."""
+  try:
+    image = Image.open(path)
+    image.load()
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f"{path}: not a readable image ({e})") from None
+  return image
+
+
 def read_pair(item: tuple[str, str, str], num_classes: int,
               reduce_zero_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 RGB image, int mask); raises naming the file for a missing or inconsistent mask."""
   _, image_path, mask_path = item
   if not os.path.exists(mask_path):
     raise FileNotFoundError(f"mask {mask_path!r} does not exist")
-  image = np.asarray(Image.open(image_path).convert("RGB"))
-  mask = np.asarray(Image.open(mask_path)).astype(np.int64)
+  image = np.asarray(read_image(image_path).convert("RGB"))
+  mask = np.asarray(read_image(mask_path)).astype(np.int64)
   if mask.ndim != 2:
     raise ValueError(f"{mask_path}: expected a single-channel mask of class ids, got shape {mask.shape}")
   if reduce_zero_label:  # mmseg: 0 -> 255 (ignored), k -> k - 1
