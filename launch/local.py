@@ -7,7 +7,6 @@ Each process gets --coordinator_address/--num_processes/--process_id appended an
 --devices_per_process CPU devices; output lines are prefixed with the process id.
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from typing import Sequence
 
 from groupvit_jax.cpu_env import cpu_malloc_env
+import launch
 
 
 def launch_local(args: Sequence[str], num_processes: int, devices_per_process: int = 1, port: int = 0,
@@ -66,7 +66,7 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = launch.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--num_processes", type=int, default=2)
   p.add_argument("--devices_per_process", type=int, default=1)
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: pick a free one)")

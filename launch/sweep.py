@@ -9,7 +9,6 @@ The expansion is deterministic; each run's resolved config is written to <workdi
 before it starts. A sweep naming an unknown field, or an empty one, fails before anything launches.
 """
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -20,6 +19,7 @@ import sys
 from typing import Any
 
 from groupvit_jax import config_lib
+import launch
 from launch.tpu_vm import TpuSlice, execute
 
 
@@ -99,7 +99,7 @@ def save_resolved(run: Run) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = launch.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sweep", required=True)
   p.add_argument("--workdir_root", required=True)
   p.add_argument("--mode", choices=["print", "local", "tpu"], default="print")

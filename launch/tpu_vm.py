@@ -12,13 +12,14 @@ Flags may also come from the environment: TPU_NAME, TPU_ZONE, TPU_TYPE, TPU_RUNT
 Every gcloud command is printed before it runs; --dry_run prints them and runs nothing.
 """
 
-import argparse
 import dataclasses
 import os
 import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+import launch
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def execute(commands: list[list[str]], dry_run: bool) -> int:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = launch.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("action", choices=["create", "setup", "run", "logs", "stop", "delete"])
   p.add_argument("--name", default=os.environ.get("TPU_NAME"))
   p.add_argument("--zone", default=os.environ.get("TPU_ZONE"))

@@ -278,3 +278,10 @@ def test_converter_keeps_the_samples_before_a_cut_and_reports_the_rest(into, tmp
   keys = [tf.train.Example.FromString(r.numpy()).features.feature["key"].bytes_list.value[0].decode()
           for r in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(out, "*.tfrecord"))))]
   assert keys == ["0000", "0001", "0002", "0003", "0000", "0001", "0002"]
+
+
+def test_launch_errors():
+  env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "TPU_ZONE")}
+  result = run([sys.executable, "-m", "launch.tpu_vm", "create"], timeout=CLI_TIMEOUT, cwd=REPO, env=env)
+  _assert_one_line_error(result, r"tpu_vm\.py: --name and --zone are required")
+  _assert_one_line_error(_cli("launch.sweep"), r"sweep\.py: the following arguments are required: --sweep")
