@@ -234,6 +234,120 @@ def hf_to_nvlabs(state_dict: Mapping[str, np.ndarray]) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# CLIP (models/clip.py, OpenAI's layout) <-> transformers' CLIPModel.
+# ---------------------------------------------------------------------------------------------------
+
+# Our path (`/`-joined, parameter last) -> HF name; `{i}` a layer index. Linear kernels are transposed,
+# the patch kernel goes HWIO <-> OIHW, the fused q|k|v projection is split into HF's q/k/v_proj.
+_CLIP_BLOCK = [
+    ("ln_1/{p}", "layer_norm1.{p}"), ("ln_2/{p}", "layer_norm2.{p}"),
+    ("attn/out_proj/{p}", "self_attn.out_proj.{p}"), ("mlp/fc1/{p}", "mlp.fc1.{p}"), ("mlp/fc2/{p}", "mlp.fc2.{p}"),
+]
+_CLIP_PAIRS = [
+    ("visual/conv1/kernel", "vision_model.embeddings.patch_embedding.weight"),
+    ("visual/class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual/positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual/ln_pre/{p}", "vision_model.pre_layrnorm.{p}"),
+    ("visual/ln_post/{p}", "vision_model.post_layernorm.{p}"),
+    ("visual/proj", "visual_projection.weight"),
+    ("text_tower/token_embedding", "text_model.embeddings.token_embedding.weight"),
+    ("text_tower/positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("text_tower/ln_final/{p}", "text_model.final_layer_norm.{p}"),
+    ("text_projection", "text_projection.weight"),
+    ("logit_scale", "logit_scale"),
+] + [(f"{tower}/resblocks_{{i}}/{ours}", f"{hf_tower}.encoder.layers.{{i}}.{hf}")
+     for tower, hf_tower in (("visual", "vision_model"), ("text_tower", "text_model")) for ours, hf in _CLIP_BLOCK]
+_CLIP_PARAM = {"scale": "weight", "kernel": "weight", "bias": "bias"}
+
+
+def _clip_hf_name(path: str) -> str | None:
+  for ours, hf in _CLIP_PAIRS:
+    pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
+    m = re.fullmatch(pattern, path)
+    if m:
+      groups = m.groupdict()
+      if "p" in groups:
+        groups["p"] = _CLIP_PARAM[groups["p"]]
+      return hf.format(**groups)
+  return None
+
+
+def _clip_fused(path: str) -> str | None:
+  """The HF stem of a fused q|k|v parameter (`...self_attn.`), else None."""
+  m = re.fullmatch(r"(visual|text_tower)/resblocks_(\d+)/attn/in_proj/(kernel|bias)", path)
+  if not m:
+    return None
+  tower = "vision_model" if m[1] == "visual" else "text_model"
+  return f"{tower}.encoder.layers.{m[2]}.self_attn."
+
+
+def clip_hf_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict[str, Any]:
+  """A transformers `CLIPModel` state dict -> our CLIP params shaped like `template` (`{"params": ...}`).
+
+  Raises ValueError naming the first parameter that is missing, unexpected or of the wrong shape.
+  """
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items() if not _IGNORED.search(k)}
+  if not any(k.startswith(("vision_model.", "text_model.")) for k in state_dict):
+    raise ValueError(f"not a CLIPModel state dict: no 'vision_model.*'/'text_model.*' tensors "
+                     f"(first key: {next(iter(state_dict), '<empty>')!r})")
+  flat, used = {}, set()
+  for path, leaf in _flat(template["params"]).items():
+    name = "/".join(path)
+    shape = tuple(leaf.shape)
+    stem = _clip_fused(name)
+    if stem is not None:
+      kind = "weight" if name.endswith("kernel") else "bias"
+      keys = [f"{stem}{x}_proj.{kind}" for x in "qkv"]
+      missing = [k for k in keys if k not in state_dict]
+      if missing:
+        raise ValueError(f"checkpoint has no parameter {missing[0]!r} (needed for {name}, shape {shape})")
+      value = np.concatenate([state_dict[k] for k in keys], axis=0)
+      value = value.T if kind == "weight" else value
+      used.update(keys)
+    else:
+      key = _clip_hf_name(name)
+      if key is None or key not in state_dict:
+        raise ValueError(f"checkpoint has no parameter {key!r} (needed for {name}, shape {shape})")
+      value = state_dict[key]
+      if value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+      elif value.ndim == 2 and key.endswith(".weight") and "embedding" not in key:
+        value = value.T
+      used.add(key)
+    if value.shape != shape:
+      raise ValueError(f"parameter {'/'.join(path)}: checkpoint shape {value.shape} does not fit the config's {shape}")
+    flat[path] = value.astype(np.float32)
+  unexpected = sorted(set(state_dict) - used)
+  if unexpected:
+    raise ValueError(f"checkpoint parameter {unexpected[0]!r} has no place in the configured CLIP "
+                     f"({len(unexpected)} unexpected in all): is the config right?")
+  return {"params": flax.traverse_util.unflatten_dict(flat)}
+
+
+def clip_variables_to_hf(variables: Mapping[str, Any]) -> StateDict:
+  """Our CLIP params -> a transformers `CLIPModel` state dict (the inverse of `clip_hf_to_variables`)."""
+  out = {}
+  for path, value in _flat(variables["params"]).items():
+    name = "/".join(path)
+    value = np.asarray(value, np.float32)
+    stem = _clip_fused(name)
+    if stem is not None:
+      kind = "weight" if name.endswith("kernel") else "bias"
+      parts = np.split(value.T if kind == "weight" else value, 3, axis=0)
+      out.update({f"{stem}{x}_proj.{kind}": part for x, part in zip("qkv", parts)})
+      continue
+    key = _clip_hf_name(name)
+    if key is None:
+      raise ValueError(f"no CLIPModel name for our parameter {name}")
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2 and key.endswith(".weight") and "embedding" not in key:
+      value = value.T
+    out[key] = value
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Files and the CLI.
 # ---------------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class PatchProjection(nn.Module):
   patch_size: int
   dim: int
   dtype: Dtype = jnp.float32
+  use_bias: bool = True  # CLIP's patch convolution has none
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -29,7 +30,8 @@ class PatchProjection(nn.Module):
     b, h, w, c = images.shape
     kernel = param_with_axes(self, "kernel", torch_default_kernel, (p, p, c, self.dim),
                              (None, None, None, "embed"))
-    bias = param_with_axes(self, "bias", torch_default_bias(p * p * c), (self.dim,), ("embed",))
+    bias = (param_with_axes(self, "bias", torch_default_bias(p * p * c), (self.dim,), ("embed",))
+            if self.use_bias else None)
     gh, gw = h // p, w // p
     # Like PyTorch's strided conv (and the reference), pixels past the last whole patch are dropped.
     patches = images[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)

@@ -1,0 +1,109 @@
+"""CLIP's towers against transformers' CLIPModel (random weights, fp32), and the weights' round trip."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from groupvit_jax.models import convert
+from groupvit_jax.models.clip import CLIP
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SIZES = {
+  # name: (image size, patch, vision width, layers, heads, text width, layers, heads, context, embed dim)
+  "tiny": (32, 8, 64, 2, 4, 32, 2, 4, 16, 24),
+  "B/16": (224, 16, 768, 12, 12, 512, 12, 8, 77, 512),
+}
+
+
+def _hf_model(size):
+  image, patch, vw, vl, vh, tw, tl, th, ctx, dim = SIZES[size]
+  config = transformers.CLIPConfig(
+    vision_config=dict(image_size=image, patch_size=patch, hidden_size=vw, num_hidden_layers=vl,
+                           num_attention_heads=vh, intermediate_size=4 * vw),
+    text_config=dict(vocab_size=49408, hidden_size=tw, num_hidden_layers=tl, num_attention_heads=th,
+                         intermediate_size=4 * tw, max_position_embeddings=ctx, eos_token_id=49407),
+    projection_dim=dim)
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(config).eval()
+  with torch.no_grad():  # LayerNorms and biases away from their 1 / 0 initialisation
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias") or "class_embedding" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def _ours(size):
+  image, patch, vw, vl, vh, tw, tl, th, ctx, dim = SIZES[size]
+  return CLIP(vision=dict(image_size=image, patch_size=patch, width=vw, layers=vl, heads=vh),
+        text=dict(context_length=ctx, vocab_size=49408, width=tw, layers=tl, heads=th), embed_dim=dim)
+
+
+def _inputs(size, batch=2, image=None):
+  rng = np.random.RandomState(0)
+  image = image or SIZES[size][0]
+  ctx = SIZES[size][8]
+  images = rng.randn(batch, image, image, 3).astype(np.float32)
+  ids = np.zeros((batch, ctx), np.int64)
+  for b in range(batch):
+    n = 3 + 2 * b
+    ids[b, 0] = 49406
+    ids[b, 1:n] = rng.randint(1, 49000, n - 1)
+    ids[b, n] = 49407
+  return images, ids
+
+
+@pytest.mark.parametrize("size", ["tiny", "B/16"])
+def test_towers_match_transformers_clip(size):
+  hf = _hf_model(size)
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  model = _ours(size)
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZES[size][0], SIZES[size][0], 3)),
+                                                 jnp.zeros((1, SIZES[size][8]), jnp.int32)))
+  variables = convert.clip_hf_to_variables(sd, template)
+  images, ids = _inputs(size)
+  with torch.no_grad():
+    want_img = hf.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    want_txt = hf.get_text_features(input_ids=torch.from_numpy(ids))
+  want_img = getattr(want_img, "pooler_output", want_img).numpy()
+  want_txt = getattr(want_txt, "pooler_output", want_txt).numpy()
+  got_img = model.apply(variables, images, method=CLIP.encode_image)
+  got_txt = model.apply(variables, ids.astype(np.int32), method=CLIP.encode_text)
+  np.testing.assert_allclose(got_img, want_img, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got_txt, want_txt, atol=1e-4, rtol=0)
+  # HF -> ours -> HF is exact.
+  back = convert.clip_variables_to_hf(variables)
+  expected = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+  assert sorted(back) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_other_image_sizes_resize_the_positions_as_transformers():
+  hf = _hf_model("tiny")
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  model = _ours("tiny")
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                 jnp.zeros((1, 16), jnp.int32)))
+  variables = convert.clip_hf_to_variables(sd, template)
+  images, _ = _inputs("tiny", image=48)
+  with torch.no_grad():
+    out = hf.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True)
+    want = hf.visual_projection(out.pooler_output).numpy()
+  got = model.apply(variables, images, method=CLIP.encode_image)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_state_dict_that_does_not_fit_is_named():
+  hf = _hf_model("tiny")
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  model = _ours("tiny")
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                 jnp.zeros((1, 16), jnp.int32)))
+  with pytest.raises(ValueError, match=r"no parameter 'text_projection.weight'"):
+    convert.clip_hf_to_variables({k: v for k, v in sd.items() if k != "text_projection.weight"}, template)
+  with pytest.raises(ValueError, match=r"not a CLIPModel state dict"):
+    convert.clip_hf_to_variables({"img_encoder.x": np.zeros(1)}, template)
