@@ -7,9 +7,24 @@ import os
 import ml_collections
 
 
+def segclip_model(size: str = "B/16") -> ml_collections.ConfigDict:
+  """SegCLIP on OpenAI CLIP ViT-B/16 (or B/32): 8 centers after block 10, 2 cross-attention blocks, tau 0.9."""
+  patch = {"B/16": 16, "B/32": 32}[size]
+  return ml_collections.ConfigDict(dict(
+      name="segclip",
+      image=dict(image_size=224, patch_size=patch, width=768, layers=12, heads=12),
+      text=dict(context_length=77, vocab_size=49408, width=512, layers=12, heads=8),
+      group=dict(num_groups=8, cross_layers=2, insert_after=10, tau=0.9),
+      projection_dim=512,
+      dtype="float32",
+      kernels="xla",
+  ))
+
+
 def groupvit_s_model() -> ml_collections.ConfigDict:
   """GroupViT-S exactly as the paper and the official release define it."""
   return ml_collections.ConfigDict(dict(
+      name="groupvit",
       image=dict(
           image_size=224,
           patch_size=16,
@@ -165,6 +180,32 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_
   img = m.image
   if img.image_size % img.patch_size:
     raise ValueError(f"model.image.image_size {img.image_size} is not divisible by patch_size {img.patch_size}")
+  if m.get("name", "groupvit") == "segclip":
+    _validate_segclip(config)
+  else:
+    _validate_groupvit(config)
+  if m.text.width % m.text.heads:
+    raise ValueError(f"model.text.width {m.text.width} is not divisible by heads {m.text.heads}")
+  if config.input.context_length > m.text.context_length:
+    raise ValueError(f"input.context_length {config.input.context_length} exceeds model.text.context_length "
+                     f"{m.text.context_length}")
+  prompt_length = config.input.get("prompt_length")
+  if prompt_length is not None and not 2 <= prompt_length <= config.input.context_length:
+    raise ValueError(f"input.prompt_length {prompt_length}: expected None or 2..input.context_length "
+                     f"({config.input.context_length})")
+  if config.loss.get("superpixel_weight", 0) and "superpixels" not in config.input.pp:
+    raise ValueError(f"loss.superpixel_weight > 0 needs the superpixels pp op in input.pp ({config.input.pp!r})")
+  batch = config.input.batch_size
+  if batch % num_processes:
+    raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")
+  data_axes = mesh_shape["data"] * mesh_shape["fsdp"]
+  if batch % data_axes:
+    raise ValueError(f"input.batch_size {batch} is not divisible by the data axes of the mesh ({data_axes} devices)")
+
+
+def _validate_groupvit(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  img = m.image
   n = len(img.depths)
   if not (len(img.num_heads) == len(img.num_group_tokens) == n and len(img.num_output_groups) == n - 1):
     raise ValueError(f"model.image: depths, num_heads and num_group_tokens need one entry per stage ({n}) "
@@ -175,24 +216,18 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_
   for i, h in enumerate(img.num_heads):
     if img.dim % h:
       raise ValueError(f"model.image.dim {img.dim} is not divisible by num_heads[{i}] = {h}")
-  if m.text.width % m.text.heads:
-    raise ValueError(f"model.text.width {m.text.width} is not divisible by heads {m.text.heads}")
-  if config.input.context_length > m.text.context_length:
-    raise ValueError(f"input.context_length {config.input.context_length} exceeds model.text.context_length "
-                     f"{m.text.context_length}")
-  prompt_length = config.input.get("prompt_length")
-  if prompt_length is not None and not 2 <= prompt_length <= config.input.context_length:
-    raise ValueError(f"input.prompt_length {prompt_length}: expected None or 2..input.context_length "
-                     f"({config.input.context_length})")
   if config.loss.get("reconstruction_weight", 0) and not m.get("reconstruction", {}).get("dim"):
     raise ValueError("loss.reconstruction_weight > 0 needs a decoder: set model.reconstruction.dim > 0")
   if m.get("reconstruction", {}).get("dim") and not 0 <= m.reconstruction.mask_ratio < 1:
     raise ValueError(f"model.reconstruction.mask_ratio {m.reconstruction.mask_ratio}: expected 0 <= ratio < 1")
-  if config.loss.get("superpixel_weight", 0) and "superpixels" not in config.input.pp:
-    raise ValueError(f"loss.superpixel_weight > 0 needs the superpixels pp op in input.pp ({config.input.pp!r})")
-  batch = config.input.batch_size
-  if batch % num_processes:
-    raise ValueError(f"input.batch_size {batch} is not divisible by the {num_processes} processes")
-  data_axes = mesh_shape["data"] * mesh_shape["fsdp"]
-  if batch % data_axes:
-    raise ValueError(f"input.batch_size {batch} is not divisible by the data axes of the mesh ({data_axes} devices)")
+
+
+def _validate_segclip(config: ml_collections.ConfigDict) -> None:
+  img, group = config.model.image, config.model.group
+  if img.width % img.heads:
+    raise ValueError(f"model.image.width {img.width} is not divisible by heads {img.heads}")
+  if not 0 < group.insert_after <= img.layers:
+    raise ValueError(f"model.group.insert_after {group.insert_after}: expected 1..model.image.layers ({img.layers})")
+  if config.loss.get("reconstruction_weight", 0):
+    raise ValueError("loss.reconstruction_weight: the reconstruction from groups is built for GroupViT's stages")
+

@@ -9,6 +9,7 @@ import ml_collections
 
 from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables, random_variables
 from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS, KERNELS
+from groupvit_jax.models.segclip import SegCLIP
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -20,13 +21,23 @@ def variables_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
                         jax.random.key(0))
 
 
-def build_model(config: ml_collections.ConfigDict) -> GroupViT:
-  """Builds GroupViT from `config.model` (see configs/groupvit_s.py for the fields)."""
+MODELS = ("groupvit", "segclip")
+
+
+def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP:
+  """Builds the model `config.model.name` names ("groupvit", the default, or "segclip") from `config.model`
+  (configs/groupvit_s.py, config_lib.segclip_model for the fields)."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
   kernels = config.get("kernels", "xla")
   if kernels not in KERNELS:
     raise ValueError(f"model.kernels must be one of {KERNELS}, got {kernels!r}")
+  name = config.get("name", "groupvit")
+  if name not in MODELS:
+    raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
+  if name == "segclip":
+    return SegCLIP(vision=dict(config.image), text=dict(config.text), group=dict(config.group),
+                   embed_dim=config.projection_dim, dtype=_DTYPES[config.dtype], kernels=kernels)
   attention = config.get("attention", "xla")
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
@@ -55,4 +66,4 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT:
       reconstruction=dict(config.reconstruction) if config.get("reconstruction", {}).get("dim") else None)
 
 
-__all__ = ["GroupViT", "build_model", "count_params", "init_variables", "random_variables", "variables_template"]
+__all__ = ["GroupViT", "SegCLIP", "build_model", "count_params", "init_variables", "random_variables", "variables_template"]
