@@ -1,7 +1,7 @@
 """GroupViT-S, the paper's model and recipe (Xu et al., CVPR 2022): batch 4096, 30 epochs.
 
   python -m groupvit_jax.train --config=configs/groupvit_s.py --workdir=gs://BUCKET/groupvit_s \
-      --config.input.data='[{"kind": "tfrecord", "patterns": ["gs://BUCKET/cc12m/*.tfrecord"]}]'
+      --config.input.data_json='[{"kind": "tfrecord", "patterns": ["gs://BUCKET/cc12m/*.tfrecord"]}]'
 
 Importing the official weights instead of training:
   python -m groupvit_jax.models.convert --config=configs/groupvit_s.py --input=group_vit_gcc_yfcc_30e.pth \

@@ -122,6 +122,7 @@ def training_defaults() -> ml_collections.ConfigDict:
           b1=0.9, b2=0.999, eps=1e-8,
           clip_norm=5.0,
           freeze="",  # regex of parameters to keep fixed
+          lr_scales={},  # {regex over parameter paths: factor of the learning rate}, first match wins
           grad_accum_steps=1,
           bf16_moments=False,
       ),

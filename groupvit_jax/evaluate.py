@@ -47,12 +47,15 @@ def main(argv):
   dataset = seg_datasets.load(f.dataset, f.data_dir)
   model = build_model(config.model)
   variables = checkpoint.load_model_variables(f.checkpoint, config.model)
-  bg = f.bg_threshold if f.bg_threshold is not None else segmentation.BG_THRESHOLDS.get(f.dataset, 0.95)
+  protocol = segmentation.PROTOCOLS[f.protocol]
+  given = lambda name: f[name].value if f[name].present else protocol[name]
+  bg = f.bg_threshold if f.bg_threshold is not None else protocol["bg_thresholds"].get(f.dataset, 0.95)
   segmenter = segmentation.ZeroShotSegmenter(
       model, variables, dataset.text_classes, tokenizers.get_tokenizer(config.input.tokenizer),
       patch_size=config.model.image.patch_size, context_length=config.input.context_length,
       templates=f.templates or "simple", bg_threshold=bg if dataset.has_background else None, mode=f.mode,
-      crop=f.crop, stride=f.stride, short_side=f.short_side, scales=[float(s) for s in f.scales])
+      crop=given("crop"), stride=given("stride"), short_side=given("short_side"),
+      scales=[float(s) for s in f.scales])
   n = min(f.limit, len(dataset.items)) if f.limit else len(dataset.items)
   print(f"evaluating {n} images of {f.data_dir}", flush=True)
   result = segmentation.evaluate_segmentation(segmenter, dataset, f.output_dir, f.num_pictures, f.limit)
@@ -68,13 +71,17 @@ def _define_flags():
   flags.DEFINE_string("data_dir", None, "Root of the dataset layout.")
   flags.DEFINE_string("output_dir", None, "Where metrics.json, per_class.csv and pictures/ go.")
   flags.DEFINE_string("tokenizer", None, "Override config.input.tokenizer.")
-  flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the reference's for the dataset).")
+  flags.DEFINE_enum("protocol", "groupvit", sorted(segmentation.PROTOCOLS),
+                    "Published protocol whose windows and background thresholds are the defaults: groupvit "
+                    "(448-px short side, 448/224 windows) or segclip (224, 224/224, VOC 0.80, Context 0.25, "
+                    "COCO 0.65).")
+  flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the protocol's for the dataset).")
   flags.DEFINE_enum("mode", "slide", ["slide", "whole"], "Sliding 448/224 windows or the whole image.")
   flags.DEFINE_string("templates", None, "Prompt template set for class names (default: simple for "
                       "segmentation, as the reference; subset for classification).")
-  flags.DEFINE_integer("short_side", 448, "Test-time short side.")
-  flags.DEFINE_integer("crop", 448, "Sliding-window size.")
-  flags.DEFINE_integer("stride", 224, "Sliding-window stride.")
+  flags.DEFINE_integer("short_side", 448, "Test-time short side (default: the protocol's).")
+  flags.DEFINE_integer("crop", 448, "Sliding-window size (default: the protocol's).")
+  flags.DEFINE_integer("stride", 224, "Sliding-window stride (default: the protocol's).")
   flags.DEFINE_list("scales", ["1.0"], "Test-time scale ratios (several: multi-scale, scores averaged).")
   flags.DEFINE_integer("num_pictures", 8, "Pictures for the first N images.")
   flags.DEFINE_integer("limit", None, "Evaluate only the first N images.")

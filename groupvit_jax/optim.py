@@ -59,12 +59,29 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def scale_by_path(scales: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by the factor of the first regex (over '/'-joined parameter
+  paths) in `scales` that matches it, else 1: per-group learning rates on one schedule (after AdamW
+  the update is -lr * (adam + decay), so a factor on it is a factor on that group's lr)."""
+  rules = [(re.compile(pattern), float(factor)) for pattern, factor in scales.items()]
+
+  def factor(name: str) -> float:
+    return next((f for pattern, f in rules if pattern.search(name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * jnp.asarray(factor(_path(p)), u.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size: int
                    ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """AdamW chain from `config.optim`; returns (optimizer, learning-rate schedule).
 
   The learning rates are scaled linearly by `batch_size / config.optim.reference_batch` (the paper
-  scales its 1.6e-3 at batch 4096). Frozen parameters (`optim.freeze`, a regex) get zero updates.
+  scales its 1.6e-3 at batch 4096); `optim.lr_scales` ({regex: factor}) gives parameter groups their own
+  factor of it (SegCLIP: CLIP's weights at 1e-3 of the new modules' rate). Frozen parameters
+  (`optim.freeze`, a regex) get zero updates.
   With `optim.grad_accum_steps > 1` the update uses the mean gradient of that many micro-batches
   (which also shrinks the pool of negatives each loss sees).
   """
@@ -76,6 +93,7 @@ def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size:
       clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=lambda p: decay_mask(p, o.decay_mask), mu_dtype=mu_dtype),
+      scale_by_path(dict(o.lr_scales)) if o.get("lr_scales") else optax.identity(),
   )
   if o.get("freeze"):
     pattern = re.compile(o.freeze)

@@ -35,6 +35,14 @@ from groupvit_jax.pp.templates import get_templates
 
 # The reference's background thresholds.
 BG_THRESHOLDS = {"voc": 0.95, "context": 0.35, "coco_object": 0.95, "generic": 0.95}
+# The published protocols: window geometry and background thresholds per dataset (GroupViT's: the
+# reference's mmseg configs; SegCLIP's: its evaluation scripts). Region scores are masked to each image's
+# top-5 classes in both.
+PROTOCOLS = {
+    "groupvit": dict(short_side=448, crop=448, stride=224, bg_thresholds=BG_THRESHOLDS),
+    "segclip": dict(short_side=224, crop=224, stride=224,
+                    bg_thresholds={"voc": 0.80, "context": 0.25, "coco_object": 0.65, "generic": 0.80}),
+}
 
 MEAN = np.asarray(pp_ops.IMAGENET_MEAN, np.float32) * 255
 STD = np.asarray(pp_ops.IMAGENET_STD, np.float32) * 255

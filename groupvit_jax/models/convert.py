@@ -313,6 +313,8 @@ def clip_hf_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping
         value = value.transpose(2, 3, 1, 0)
       elif value.ndim == 2 and key.endswith(".weight") and "embedding" not in key:
         value = value.T
+      elif shape == () and value.size == 1:
+        value = value.reshape(())  # a scalar some writers store as [1]
       used.add(key)
     if value.shape != shape:
       raise ValueError(f"parameter {'/'.join(path)}: checkpoint shape {value.shape} does not fit the config's {shape}")
@@ -322,6 +324,15 @@ def clip_hf_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping
     raise ValueError(f"checkpoint parameter {unexpected[0]!r} has no place in the configured CLIP "
                      f"({len(unexpected)} unexpected in all): is the config right?")
   return {"params": flax.traverse_util.unflatten_dict(flat)}
+
+
+def import_clip(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]) -> dict[str, Any]:
+  """A transformers `CLIPModel` state dict into a model built on CLIP's towers (SegCLIP): every CLIP
+  parameter replaced, the rest (the semantic group module) kept as `variables` has it."""
+  params = dict(variables["params"])
+  clip_part = {k: v for k, v in params.items() if k in ("visual", "text_tower", "text_projection", "logit_scale")}
+  params.update(clip_hf_to_variables(state_dict, {"params": clip_part})["params"])
+  return {**variables, "params": params}
 
 
 def clip_variables_to_hf(variables: Mapping[str, Any]) -> StateDict:
@@ -409,6 +420,9 @@ def main(argv):
   f = flags.FLAGS
   from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(f.config)
+  if config.model.get("name", "groupvit") == "segclip":
+    _import_clip_for_segclip(config, f.input, f.output)
+    return
   template = variables_template(config.model)
   if f.export_hf:
     if not f.checkpoint:
@@ -427,6 +441,22 @@ def main(argv):
   from groupvit_jax.models import count_params  # pylint: disable=g-import-not-at-top
   print(f"imported {count_params(variables['params']):,} parameters from {f.input} "
         f"({detect_format(sd) if f.format == 'auto' else f.format} format) to {f.output}")
+
+
+def _import_clip_for_segclip(config: Any, input_path: str, output: str) -> None:
+  """CLIP weights (transformers CLIPModel names) into a SegCLIP checkpoint; the group module from seed 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from groupvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.models import build_model, count_params, random_variables  # pylint: disable=g-import-not-at-top
+  if not (input_path and output):
+    raise ValueError("a SegCLIP config imports CLIP weights: give --input (a CLIPModel .safetensors/.bin) and --output")
+  sd = load_state_dict(input_path)
+  variables = random_variables(build_model(config.model), config.model, jax.random.key(0))
+  variables = import_clip(sd, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+  checkpoint.save_variables(output, variables)
+  new = count_params(variables["params"]["semantic"])
+  print(f"imported {count_params(variables['params']) - new:,} CLIP parameters from {input_path} to {output}; "
+        f"the semantic group module's {new:,} start from seed 0")
 
 
 def _define_flags():

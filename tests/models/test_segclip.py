@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -168,3 +169,52 @@ def test_a_tiny_segclip_trains_and_segments_on_the_shapes_world(shapes_data_dir,
   assert rows[60]["superpixel_loss"] > 0 and 1 <= rows[60]["grouping/stage1_groups"] <= 8
   evaluated = json.load(open(tmp_path / "run" / "eval" / "voc_step60" / "metrics.json"))
   assert 0 <= evaluated["mIoU"] <= 100 and evaluated["images"] == 4
+
+
+def test_clip_weights_start_a_segclip_run(shapes_data_dir, tmp_path):
+  """A transformers CLIPModel (random weights, the demo's SegCLIP sizes) through the conversion CLI into a
+  SegCLIP checkpoint: CLIP's parameters are CLIP's, the group module is initialised, training starts from it."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from groupvit_jax import checkpoint, config_lib, train  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.models import convert, variables_template  # pylint: disable=g-import-not-at-top
+  hf_config = transformers.CLIPConfig(
+      vision_config=dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+                         intermediate_size=128),
+      text_config=dict(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=16, eos_token_id=49407),
+      projection_dim=64)
+  torch.manual_seed(0)
+  sd = {k: v.numpy() for k, v in transformers.CLIPModel(hf_config).state_dict().items()}
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "clip.safetensors"))
+  spec = f"configs/demo.py:model=segclip,dim=32,world=codedtiny32,steps=4,batch=8,data_dir={shapes_data_dir}"
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  res = subprocess.run([sys.executable, "-m", "groupvit_jax.models.convert", f"--config={spec}",
+                        f"--input={tmp_path / 'clip.safetensors'}", f"--output={tmp_path / 'init'}"],
+                       cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "CLIP parameters" in res.stdout and "semantic group module" in res.stdout
+  config = config_lib.load_config(spec)
+  variables = checkpoint.load_variables(str(tmp_path / "init"), nn.unbox(variables_template(config.model)))
+  want = convert.clip_hf_to_variables(sd, {"params": {k: v for k, v in variables["params"].items() if k != "semantic"}})
+  got = flax.traverse_util.flatten_dict(variables["params"])
+  for path, value in flax.traverse_util.flatten_dict(want["params"]).items():
+    np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg="/".join(path))
+  assert "semantic_center" in variables["params"]["semantic"]
+  config.init_from = str(tmp_path / "init")
+  config.input.num_examples = 2000
+  last = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(last["loss"])
+  # The evaluation binary on the trained run, with SegCLIP's protocol (224-px short side and windows).
+  from groupvit_jax.datasets import shapes  # pylint: disable=g-import-not-at-top
+  voc = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=2, seed=1, image_size=32, world="coded")
+  res = subprocess.run([sys.executable, "-m", "groupvit_jax.evaluate", f"--config={spec}",
+                        f"--checkpoint={tmp_path / 'run'}", "--protocol=segclip", f"--data_dir={voc}",
+                        f"--output_dir={tmp_path / 'eval'}"], cwd=repo, capture_output=True, text=True, timeout=900,
+                       check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "voc: mIoU" in res.stdout and (tmp_path / "eval" / "metrics.json").exists()
