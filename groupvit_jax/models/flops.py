@@ -61,6 +61,20 @@ def image_tower(image: Any) -> dict[str, float]:
   return out
 
 
+def segclip_image_tower(image: Any, group: Any, embed_dim: int) -> dict[str, float]:
+  """Forward FLOPs per image of SegCLIP's image tower (CLIP's ViT with the semantic group module), by part."""
+  w, n, g = image.width, (image.image_size // image.patch_size) ** 2, group.num_groups
+  k = group.insert_after
+  cross = group.get("cross_layers", 2) * _block(g, w, 4.0, keys=g + n)
+  kv = 2 * 2 * n * w * (w // image.heads)                                   # grouped k and v convolutions
+  assign = 2 * 2 * g * n * w                                                # logits and region sums
+  return {"patch_embed": 2 * n * 3 * image.patch_size**2 * w,
+          "blocks_before": k * _block(n, w, 4.0),
+          "semantic_group": cross + kv + assign + 2 * g * w * 4 * w * 2,
+          "blocks_after": (image.layers - k) * _block(g, w, 4.0),
+          "image_projection": 2 * w * embed_dim}
+
+
 def _eot_block(tokens: int, dim: int, mlp_ratio: float) -> float:
   """The text tower's last block as ours computes it, for the EOT token's output alone: q|k|v on every
   token, then scores, weighted sum, output projection and MLP for that one query."""
@@ -87,10 +101,17 @@ def forward_flops(model: Any, text_length: int, num_prompts: int = 0, batch_size
   loss logits against a batch of `batch_size`. `full_last_block`: the reference's text tower (see
   text_tower)."""
   texts = 1 + num_prompts
+  text = lambda length: text_tower(model.text, length, full_last_block)
+  if model.get("name", "groupvit") == "segclip":
+    parts = segclip_image_tower(model.image, model.group, model.projection_dim)
+    parts["text_tower"] = text(text_length) + num_prompts * text(prompt_length or text_length)
+    parts["text_projection"] = texts * 2 * model.text.width * model.projection_dim
+    parts["logits"] = 2 * batch_size * texts * model.projection_dim
+    parts["total"] = sum(parts.values())
+    return parts
   parts = image_tower(model.image)
   parts["image_projector"] = projector(model.image.dim, model.projection_hidden_dim, model.projection_dim,
                                        model.projection_layers)
-  text = lambda length: text_tower(model.text, length, full_last_block)
   parts["text_tower"] = text(text_length) + num_prompts * text(prompt_length or text_length)
   parts["text_projector"] = texts * projector(model.text.width, model.projection_hidden_dim,
                                               model.projection_dim, model.projection_layers)

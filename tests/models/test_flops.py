@@ -34,9 +34,19 @@ def _small_s():
   return model
 
 
-@pytest.mark.parametrize("name", ["tiny", "small_s"])
+def _small_segclip():
+  """SegCLIP's structure (ViT-B widths, 8 centers, 2 cross blocks) at a size that compiles in seconds."""
+  model = config_lib.segclip_model()
+  model.image.update(image_size=64, layers=3)
+  model.group.update(insert_after=2)
+  model.text.update(layers=2, context_length=16)
+  return model
+
+
+@pytest.mark.parametrize("name", ["tiny", "small_s", "small_segclip"])
 def test_analytic_count_matches_xla_within_the_elementwise_work(name):
-  model = config_lib.load_config("configs/tiny.py").model if name == "tiny" else _small_s()
+  model = {"tiny": lambda: config_lib.load_config("configs/tiny.py").model, "small_s": _small_s,
+           "small_segclip": _small_segclip}[name]()
   batch, length, prompts = 4, 16, 1
   analytic = flops.forward_flops(model, length, prompts, batch)["total"]
   xla = _xla_forward_flops(model, batch, length, 1 + prompts)
