@@ -1,8 +1,9 @@
 """What every command line shares: a quiet start, and expected errors as one line with exit status 2.
 
 Import this module before anything that imports TensorFlow: TensorFlow's native start-up notices
-(oneDNN, CUDA stubs) are printed by C++ when it loads, before any log setting can apply, so it is
-imported here with the process's stderr pointed at /dev/null. `GROUPVIT_JAX_DEBUG=1` keeps them.
+(oneDNN, CUDA stubs, the CUDA probe) are printed by C++ when it loads and first lists its devices,
+before any log setting can apply, so both happen here with the process's stderr pointed at /dev/null
+(TensorFlow sees no GPU: it only reads data). `GROUPVIT_JAX_DEBUG=1` keeps them.
 
 `run(main)` replaces `absl.app.run(main)`: a user error (a missing file, a bad value, a checkpoint that
 does not fit the config, a flag left out) prints `error: <what>` on stderr and exits with status 2, no
@@ -26,7 +27,10 @@ def _import_tensorflow_quietly() -> None:
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # TensorFlow reads data only (accelerators are JAX's); listing its devices here also keeps the
+    # CUDA probe's notice (printed at the first op otherwise) out of the output.
+    tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass  # commands that need it say so when they import it
   finally:

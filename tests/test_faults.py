@@ -251,7 +251,7 @@ def test_debug_shows_the_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("into", [100, 512 + 5])  # into the caption's header, into its data
+@pytest.mark.parametrize("into", [0, 100, 512 + 5])  # at, into the caption's header; into its data
 def test_converter_keeps_the_samples_before_a_cut_and_reports_the_rest(into, tmp_path):
   _captioned_tar(str(tmp_path / "a.tar"), 6)
   _captioned_tar(str(tmp_path / "b.tar"), 3, seed=1)

@@ -48,9 +48,14 @@ def iter_samples(tar_path: str, damage: Optional[list[dict[str, Any]]] = None
           current = {}
         current_key = key
         current[ext.lower()] = tar.extractfile(member).read()
-    size = tf.io.gfile.stat(tar_path).length
-    if size % tarfile.BLOCKSIZE:  # a cut inside a member's header reads as a clean end of the archive
-      raise tarfile.ReadError(f"size {size} is not a whole number of {tarfile.BLOCKSIZE}-byte blocks: truncated")
+      end = tar.offset
+    # tarfile reads a file that stops at (or inside) a member's header as a clean end: an archive's end
+    # is a zero block, so anything else there means the tar was cut.
+    with tf.io.gfile.GFile(tar_path, "rb") as raw:
+      raw.seek(end)
+      block = raw.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or any(block):
+      raise tarfile.ReadError(f"no end-of-archive block at byte {end}: truncated")
   except (tarfile.TarError, EOFError, OSError, tf.errors.OpError) as e:
     if damage is None:
       raise ValueError(f"{tar_path}: truncated or corrupt tar ({type(e).__name__}: {e})") from e
