@@ -141,6 +141,9 @@ def compile_ours(config, b, dtype, rng):
     step = jax.jit(train_state.make_train_step(model, tx, schedule, config, jax.random.key(1)), donate_argnums=0)
     images, text = _batch(config, b, FLAGS.prompts, rng)
     batch = {"image": jnp.asarray(images), **_our_inputs(config, text)}
+    if config.loss.get("superpixel_weight", 0):  # one superpixel id per patch (8 regions per image here)
+      patches = (config.model.image.image_size // config.model.image.patch_size) ** 2
+      batch["superpixels"] = jnp.asarray(rng.randint(0, 8, size=(b, patches)), jnp.int32)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

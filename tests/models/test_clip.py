@@ -39,7 +39,18 @@ def _hf_model(size):
 def _ours(size):
   image, patch, vw, vl, vh, tw, tl, th, ctx, dim = SIZES[size]
   return CLIP(vision=dict(image_size=image, patch_size=patch, width=vw, layers=vl, heads=vh),
-        text=dict(context_length=ctx, vocab_size=49408, width=tw, layers=tl, heads=th), embed_dim=dim)
+              text=dict(context_length=ctx, vocab_size=49408, width=tw, layers=tl, heads=th), embed_dim=dim)
+
+
+def _converted(size):
+  """(HF model, its state dict, our model, our variables' shapes)."""
+  hf = _hf_model(size)
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  model = _ours(size)
+  image, ctx = SIZES[size][0], SIZES[size][8]
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image, image, 3)),
+                                               jnp.zeros((1, ctx), jnp.int32)))
+  return hf, sd, model, template
 
 
 def _inputs(size, batch=2, image=None):
@@ -58,11 +69,7 @@ def _inputs(size, batch=2, image=None):
 
 @pytest.mark.parametrize("size", ["tiny", "B/16"])
 def test_towers_match_transformers_clip(size):
-  hf = _hf_model(size)
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  model = _ours(size)
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZES[size][0], SIZES[size][0], 3)),
-                                                 jnp.zeros((1, SIZES[size][8]), jnp.int32)))
+  hf, sd, model, template = _converted(size)
   variables = convert.clip_hf_to_variables(sd, template)
   images, ids = _inputs(size)
   with torch.no_grad():
@@ -83,11 +90,7 @@ def test_towers_match_transformers_clip(size):
 
 
 def test_other_image_sizes_resize_the_positions_as_transformers():
-  hf = _hf_model("tiny")
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  model = _ours("tiny")
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                 jnp.zeros((1, 16), jnp.int32)))
+  hf, sd, model, template = _converted("tiny")
   variables = convert.clip_hf_to_variables(sd, template)
   images, _ = _inputs("tiny", image=48)
   with torch.no_grad():
@@ -98,11 +101,7 @@ def test_other_image_sizes_resize_the_positions_as_transformers():
 
 
 def test_a_state_dict_that_does_not_fit_is_named():
-  hf = _hf_model("tiny")
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  model = _ours("tiny")
-  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                 jnp.zeros((1, 16), jnp.int32)))
+  _, sd, _, template = _converted("tiny")
   with pytest.raises(ValueError, match=r"no parameter 'text_projection.weight'"):
     convert.clip_hf_to_variables({k: v for k, v in sd.items() if k != "text_projection.weight"}, template)
   with pytest.raises(ValueError, match=r"not a CLIPModel state dict"):
