@@ -22,11 +22,11 @@ SIZES = {
 def _hf_model(size):
   image, patch, vw, vl, vh, tw, tl, th, ctx, dim = SIZES[size]
   config = transformers.CLIPConfig(
-    vision_config=dict(image_size=image, patch_size=patch, hidden_size=vw, num_hidden_layers=vl,
-                           num_attention_heads=vh, intermediate_size=4 * vw),
-    text_config=dict(vocab_size=49408, hidden_size=tw, num_hidden_layers=tl, num_attention_heads=th,
-                         intermediate_size=4 * tw, max_position_embeddings=ctx, eos_token_id=49407),
-    projection_dim=dim)
+      vision_config=dict(image_size=image, patch_size=patch, hidden_size=vw, num_hidden_layers=vl,
+                         num_attention_heads=vh, intermediate_size=4 * vw),
+      text_config=dict(vocab_size=49408, hidden_size=tw, num_hidden_layers=tl, num_attention_heads=th,
+                       intermediate_size=4 * tw, max_position_embeddings=ctx, eos_token_id=49407),
+      projection_dim=dim)
   torch.manual_seed(0)
   model = transformers.CLIPModel(config).eval()
   with torch.no_grad():  # LayerNorms and biases away from their 1 / 0 initialisation
