@@ -73,7 +73,7 @@ def _check_config_paths(argv: list[str]) -> None:
   """A config file that is not there, said before the config module's loader buries it in a traceback."""
   for arg in argv[1:]:
     name, _, value = arg.partition("=")
-    if name.lstrip("-") in ("config",) and value:
+    if name.lstrip("-") == "config" and value:
       path = value.split(":", 1)[0]
       if not os.path.isfile(path):
         raise UserError(f"--config: {path}: no such config file")
