@@ -327,8 +327,9 @@ def main(argv):
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
       f.write(flags.FLAGS.config.to_json_best_effort(indent=2))
-  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:  # each host says it joined
+    print(f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
+          f"{jax.device_count()} global devices", flush=True)
   if jax.default_backend() == "cpu":
     model_config = flags.FLAGS.config.model
     for hint in (cpu_env.cpu_malloc_hint(), cpu_env.cpu_bf16_hint(model_config.dtype),
