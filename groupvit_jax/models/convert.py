@@ -421,7 +421,10 @@ def main(argv):
   from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(f.config)
   if config.model.get("name", "groupvit") == "segclip":
-    _import_clip_for_segclip(config, f.input, f.output)
+    if f.export_hf:
+      _export_segclip_clip(config, f.checkpoint, f.export_hf)
+    else:
+      _import_clip_for_segclip(config, f.input, f.output)
     return
   template = variables_template(config.model)
   if f.export_hf:
@@ -457,6 +460,20 @@ def _import_clip_for_segclip(config: Any, input_path: str, output: str) -> None:
   new = count_params(variables["params"]["semantic"])
   print(f"imported {count_params(variables['params']) - new:,} CLIP parameters from {input_path} to {output}; "
         f"the semantic group module's {new:,} start from seed 0")
+
+
+def _export_segclip_clip(config: Any, checkpoint_dir: str, path: str) -> None:
+  """A SegCLIP checkpoint's CLIP towers in transformers CLIPModel names (the group module has none)."""
+  from groupvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if not checkpoint_dir:
+    raise ValueError("--export_hf needs --checkpoint (a SegCLIP checkpoint directory or training workdir)")
+  variables = checkpoint.load_model_variables(checkpoint_dir, config.model)
+  clip_part = {k: v for k, v in variables["params"].items() if k != "semantic"}
+  sd = clip_variables_to_hf({"params": clip_part})
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)
+  print(f"wrote {len(sd)} tensors of CLIP's towers in CLIPModel names to {path} (the semantic group module "
+        f"has no place there)")
 
 
 def _define_flags():

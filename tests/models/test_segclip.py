@@ -180,7 +180,7 @@ def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   from groupvit_jax.models import convert, variables_template  # pylint: disable=g-import-not-at-top
   hf_config = transformers.CLIPConfig(
@@ -206,6 +206,16 @@ def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
   for path, value in flax.traverse_util.flatten_dict(want["params"]).items():
     np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg="/".join(path))
   assert "semantic_center" in variables["params"]["semantic"]
+  # ... and back: the CLI writes CLIP's part in CLIPModel names, exactly the weights it read.
+  res = subprocess.run([sys.executable, "-m", "groupvit_jax.models.convert", f"--config={spec}",
+                        f"--checkpoint={tmp_path / 'init'}", f"--export_hf={tmp_path / 'back.safetensors'}"],
+                       cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+  assert res.returncode == 0, res.stderr[-2000:]
+  back = load_file(str(tmp_path / "back.safetensors"))
+  expected = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+  assert sorted(back) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(back[k].reshape(v.shape), v, err_msg=k)
   # The evaluation binary on it, with SegCLIP's protocol (224-px short side and windows).
   from groupvit_jax.datasets import shapes  # pylint: disable=g-import-not-at-top
   voc = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=2, seed=1, image_size=32, world="coded")
