@@ -1,13 +1,36 @@
 """Orbax checkpoints: model variables (imported weights), the trainer's state, and reading either back."""
 
+import contextlib
 import os
-from typing import Any, Mapping
+import sys
+import time
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+@contextlib.contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+  """Process-level stderr to /dev/null while Orbax reads: when a read fails (a cut file), its other
+  in-flight reads report their own exceptions from background threads and from the closing event loop,
+  thousands of lines; the caller raises one clear error instead."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  except Exception:
+    time.sleep(1.0)  # the failed read's siblings report as they finish, still muted
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def save_variables(directory: str, variables: Mapping[str, Any]) -> None:
@@ -29,16 +52,14 @@ def load_variables(directory: str, template: Mapping[str, Any] | None = None) ->
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
-  with ocp.StandardCheckpointer() as ckptr:
-    try:
-      if template is None:
-        return ckptr.restore(directory)
-      target = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=getattr(x, "sharding", None)),
-          nn.unbox(dict(template)))
-      return ckptr.restore(directory, target)
-    except Exception as e:  # Orbax raises many types; the path is what the user needs.
-      raise ValueError(f"not a readable checkpoint: {directory} ({type(e).__name__}: {_first_line(e)})") from None
+  target = None if template is None else jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=getattr(x, "sharding", None)),
+      nn.unbox(dict(template)))
+  try:
+    with _native_stderr_muted(), ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(directory) if target is None else ckptr.restore(directory, target)
+  except Exception as e:  # Orbax raises many types; the path is what the user needs.
+    raise ValueError(f"not a readable checkpoint: {directory} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 class TrainCheckpointer:
@@ -82,9 +103,13 @@ class TrainCheckpointer:
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.restore(step, abstract_state)
+        with _native_stderr_muted():
+          restored = self.restore(step, abstract_state)
       except Exception as e:  # Orbax raises many types; which step and why is what the user needs.
         path = self.manager.directory / str(step)
+        if _is_mismatch(e):  # a readable checkpoint of another model or optimizer: the config changed
+          raise ValueError(f"checkpoint {path} does not match this config's train state ({_first_line(e)}); "
+                           f"resume with the config it was written with, or use another workdir") from None
         logging.warning("checkpoint %s is not readable (%s: %s); moved to %s.damaged, trying the previous one",
                         path, type(e).__name__, _first_line(e), path)
         if jax.process_index() == 0:
@@ -130,7 +155,7 @@ def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
   state_dir = os.path.join(ckpts, str(steps[-1]), STATE_ITEM)
   check_fits(state_dir, template)
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with _native_stderr_muted(), ocp.StandardCheckpointer() as ckptr:
       state = ckptr.restore(os.path.abspath(state_dir))
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
     raise ValueError(f"not a readable checkpoint: {state_dir} ({type(e).__name__}: {_first_line(e)})") from None
@@ -174,6 +199,12 @@ def check_fits(directory: str, template: Mapping[str, Any]) -> None:
   if extra:
     raise ValueError(f"checkpoint {directory} does not fit the config: the config has no {extra[0]} "
                      f"{have[extra[0]]} ({len(extra)} such)")
+
+
+def _is_mismatch(error: BaseException) -> bool:
+  """Orbax's errors for a checkpoint whose tree or shapes differ from the target (not damage)."""
+  text = str(error).lower()
+  return isinstance(error, ValueError) and ("tree structure" in text or "shape" in text)
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

@@ -89,12 +89,14 @@ def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size:
   scale = batch_size / o.reference_batch
   schedule = lr_schedule(o.lr * scale, total_steps, warmup_steps, o.warmup_lr * scale, o.min_lr * scale)
   mu_dtype = jnp.bfloat16 if o.get("bf16_moments", False) else None
-  tx = optax.chain(
+  parts = [
       clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=lambda p: decay_mask(p, o.decay_mask), mu_dtype=mu_dtype),
-      scale_by_path(dict(o.lr_scales)) if o.get("lr_scales") else optax.identity(),
-  )
+  ]
+  if o.get("lr_scales"):  # only then: the optimizer state of every other config keeps its structure
+    parts.append(scale_by_path(dict(o.lr_scales)))
+  tx = optax.chain(*parts)
   if o.get("freeze"):
     pattern = re.compile(o.freeze)
     labels = lambda p: _mask(p, lambda name, _: "frozen" if pattern.search(name) else "trained")

@@ -142,6 +142,12 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(readme_runs, shapes
   assert "resumed from step 30" in resumed.stdout, tail(resumed.stdout)
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["30", "40", "40.damaged", "50"]
   assert _metrics_steps(work) == list(range(5, 55, 5))  # each step once, the damaged run's rows replaced
+  # A readable checkpoint of another model is not damage: one line, nothing moved.
+  other = run([sys.executable, "-m", "groupvit_jax.train", "--config=configs/tiny.py", f"--workdir={work}",
+               "--config.total_steps=60", "--config.model.text.width=64"], timeout=TRAIN_TIMEOUT, cwd=REPO,
+              env={**os.environ, "GROUPVIT_JAX_DATA": shapes_data_dir})
+  _assert_one_line_error(other, r"checkpoint .*/checkpoints/50 does not match this config's train state")
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["30", "40", "40.damaged", "50"]
 
 
 # ---------------------------------------------------------------------------------------------------
