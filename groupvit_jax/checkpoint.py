@@ -1,10 +1,7 @@
 """Orbax checkpoints: model variables (imported weights), the trainer's state, and reading either back."""
 
-import contextlib
 import os
-import sys
-import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from absl import logging
 import flax.linen as nn
@@ -12,25 +9,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from groupvit_jax import quiet
 
-@contextlib.contextmanager
-def _native_stderr_muted() -> Iterator[None]:
-  """Process-level stderr to /dev/null while Orbax reads: when a read fails (a cut file), its other
-  in-flight reads report their own exceptions from background threads and from the closing event loop,
-  thousands of lines; the caller raises one clear error instead."""
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    yield
-  except Exception:
-    time.sleep(1.0)  # the failed read's siblings report as they finish, still muted
-    raise
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
+# Restores run with stderr muted: when a read fails (a cut file), Orbax's other in-flight reads report
+# their own exceptions from background threads and the closing event loop, thousands of lines, for
+# this long after; the caller raises one clear error instead.
+_GRACE = 1.0
 
 
 def save_variables(directory: str, variables: Mapping[str, Any]) -> None:
@@ -56,7 +40,7 @@ def load_variables(directory: str, template: Mapping[str, Any] | None = None) ->
       lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=getattr(x, "sharding", None)),
       nn.unbox(dict(template)))
   try:
-    with _native_stderr_muted(), ocp.StandardCheckpointer() as ckptr:
+    with quiet.muted_stderr(_GRACE), ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(directory) if target is None else ckptr.restore(directory, target)
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
     raise ValueError(f"not a readable checkpoint: {directory} ({type(e).__name__}: {_first_line(e)})") from None
@@ -103,7 +87,7 @@ class TrainCheckpointer:
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        with _native_stderr_muted():
+        with quiet.muted_stderr(_GRACE):
           restored = self.restore(step, abstract_state)
       except Exception as e:  # Orbax raises many types; which step and why is what the user needs.
         path = self.manager.directory / str(step)
@@ -155,7 +139,7 @@ def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
   state_dir = os.path.join(ckpts, str(steps[-1]), STATE_ITEM)
   check_fits(state_dir, template)
   try:
-    with _native_stderr_muted(), ocp.StandardCheckpointer() as ckptr:
+    with quiet.muted_stderr(_GRACE), ocp.StandardCheckpointer() as ckptr:
       state = ckptr.restore(os.path.abspath(state_dir))
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
     raise ValueError(f"not a readable checkpoint: {state_dir} ({type(e).__name__}: {_first_line(e)})") from None

@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags, logging
 
+from groupvit_jax import quiet
+
 DEBUG_ENV = "GROUPVIT_JAX_DEBUG"
 
 
@@ -23,20 +25,14 @@ def _import_tensorflow_quietly() -> None:
   if "tensorflow" in sys.modules or os.environ.get(DEBUG_ENV):
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    # TensorFlow reads data only (accelerators are JAX's); listing its devices here also keeps the
-    # CUDA probe's notice (printed at the first op otherwise) out of the output.
-    tf.config.set_visible_devices([], "GPU")
+    with quiet.muted_stderr():
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      # TensorFlow reads data only (accelerators are JAX's); listing its devices here also keeps the
+      # CUDA probe's notice (printed at the first op otherwise) out of the output.
+      tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass  # commands that need it say so when they import it
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
 
 
 _import_tensorflow_quietly()
