@@ -8,7 +8,7 @@ hard gumbel assignment, a linear projector, the contrastive and multi-label loss
 reconstruction of every patch from its group (weight 5, a 1-block decoder). docs/demo.md compares it with
 the variants these arguments (`configs/demo.py:key=value,...`) select:
   model=segclip       SegCLIP from scratch: CLIP-style tower (5 blocks of width 64), 8 learnable centers after
-                      block 4, max over the regions; the other knobs as below (recon: GroupViT only)
+                      block 4, max over the regions; the other knobs as below (recon: SegCLIP's decoder)
   stages=2            two grouping stages (groups1 -> groups2: 16 -> 8), the paper's layout
   stages=0            a plain ViT (no grouping): pixels take the class of their patch's embedding
   recon=0             no reconstruction loss; mask=0.75 reconstructs from a second pass over a quarter
@@ -60,7 +60,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
     model.group.update(num_groups=arg.groups2, insert_after=arg.depth1)
     model.projection_dim = 64
-    arg.recon = 0.0
+    if arg.recon:
+      model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4, mask_ratio=arg.mask)
   elif arg.model != "groupvit":
     raise ValueError(f"configs/demo.py: model must be groupvit or segclip, got {arg.model!r}")
   config.model = model

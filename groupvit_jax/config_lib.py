@@ -15,6 +15,9 @@ def segclip_model(size: str = "B/16") -> ml_collections.ConfigDict:
       image=dict(image_size=224, patch_size=patch, width=768, layers=12, heads=12),
       text=dict(context_length=77, vocab_size=49408, width=512, layers=12, heads=8),
       group=dict(num_groups=8, cross_layers=2, insert_after=10, tau=0.9),
+      # The masked reconstruction's decoder (loss.reconstruction_weight): the reference's is width 384 (half
+      # the tower's), 3 blocks, 8 heads, from a quarter of the patches. dim 0: none.
+      reconstruction=dict(dim=0, depth=3, num_heads=8, mask_ratio=0.75),
       projection_dim=512,
       dtype="float32",
       kernels="xla",
@@ -217,10 +220,18 @@ def _validate_groupvit(config: ml_collections.ConfigDict) -> None:
   for i, h in enumerate(img.num_heads):
     if img.dim % h:
       raise ValueError(f"model.image.dim {img.dim} is not divisible by num_heads[{i}] = {h}")
-  if config.loss.get("reconstruction_weight", 0) and not m.get("reconstruction", {}).get("dim"):
+  _validate_reconstruction(config)
+
+
+def _validate_reconstruction(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  r = m.get("reconstruction", {})
+  if config.loss.get("reconstruction_weight", 0) and not r.get("dim"):
     raise ValueError("loss.reconstruction_weight > 0 needs a decoder: set model.reconstruction.dim > 0")
-  if m.get("reconstruction", {}).get("dim") and not 0 <= m.reconstruction.mask_ratio < 1:
-    raise ValueError(f"model.reconstruction.mask_ratio {m.reconstruction.mask_ratio}: expected 0 <= ratio < 1")
+  if r.get("dim") and not 0 <= r.mask_ratio < 1:
+    raise ValueError(f"model.reconstruction.mask_ratio {r.mask_ratio}: expected 0 <= ratio < 1")
+  if r.get("dim") and r.dim % r.num_heads:
+    raise ValueError(f"model.reconstruction.dim {r.dim} is not divisible by num_heads {r.num_heads}")
 
 
 def _validate_segclip(config: ml_collections.ConfigDict) -> None:
@@ -229,6 +240,8 @@ def _validate_segclip(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.image.width {img.width} is not divisible by heads {img.heads}")
   if not 0 < group.insert_after <= img.layers:
     raise ValueError(f"model.group.insert_after {group.insert_after}: expected 1..model.image.layers ({img.layers})")
-  if config.loss.get("reconstruction_weight", 0):
-    raise ValueError("loss.reconstruction_weight: the reconstruction from groups is built for GroupViT's stages")
+  _validate_reconstruction(config)
+  if config.model.get("reconstruction", {}).get("dim") and config.model.reconstruction.dim % 4:
+    raise ValueError(f"model.reconstruction.dim {config.model.reconstruction.dim}: SegCLIP's decoder's sine-cosine "
+                     "positions need a multiple of 4")
 

@@ -37,7 +37,8 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP:
     raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
   if name == "segclip":
     return SegCLIP(vision=dict(config.image), text=dict(config.text), group=dict(config.group),
-                   embed_dim=config.projection_dim, dtype=_DTYPES[config.dtype], kernels=kernels)
+                   embed_dim=config.projection_dim, dtype=_DTYPES[config.dtype], kernels=kernels,
+                   reconstruction=dict(config.reconstruction) if config.get("reconstruction", {}).get("dim") else None)
   attention = config.get("attention", "xla")
   if attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")

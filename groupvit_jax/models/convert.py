@@ -328,9 +328,9 @@ def clip_hf_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping
 
 def import_clip(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]) -> dict[str, Any]:
   """A transformers `CLIPModel` state dict into a model built on CLIP's towers (SegCLIP): every CLIP
-  parameter replaced, the rest (the semantic group module) kept as `variables` has it."""
+  parameter replaced, the rest (the semantic group module, the reconstruction) kept as `variables` has it."""
   params = dict(variables["params"])
-  clip_part = {k: v for k, v in params.items() if k in ("visual", "text_tower", "text_projection", "logit_scale")}
+  clip_part = {k: v for k, v in params.items() if k in CLIP_PARAMS}
   params.update(clip_hf_to_variables(state_dict, {"params": clip_part})["params"])
   return {**variables, "params": params}
 
@@ -359,6 +359,200 @@ def clip_variables_to_hf(variables: Mapping[str, Any]) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# OpenAI's CLIP checkpoint and SegCLIP's release (`segclip.bin`).
+# ---------------------------------------------------------------------------------------------------
+
+CLIP_PARAMS = ("visual", "text_tower", "text_projection", "logit_scale")  # our top-level CLIP params
+_OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's state dicts
+_OPENAI_BLOCK = [(r"ln_1\.", "layer_norm1."), (r"ln_2\.", "layer_norm2."), (r"attn\.out_proj\.", "self_attn.out_proj."),
+                 (r"mlp\.c_fc\.", "mlp.fc1."), (r"mlp\.c_proj\.", "mlp.fc2.")]
+_OPENAI_RULES = [
+    (r"visual\.conv1\.weight", "vision_model.embeddings.patch_embedding.weight"),
+    (r"visual\.class_embedding", "vision_model.embeddings.class_embedding"),
+    (r"visual\.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    (r"visual\.ln_pre\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
+    (r"visual\.ln_post\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+    (r"token_embedding\.weight", "text_model.embeddings.token_embedding.weight"),
+    (r"positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    (r"ln_final\.(weight|bias)", r"text_model.final_layer_norm.\1"),
+    (r"logit_scale", "logit_scale"),
+]
+
+
+def openai_clip_to_hf(state_dict: Mapping[str, np.ndarray], prefix: str = "") -> StateDict:
+  """OpenAI's CLIP state dict (`visual.transformer.resblocks.<i>...`, `transformer.resblocks.<i>...`,
+  `visual.proj`, `text_projection`, ...) -> transformers `CLIPModel` names: the fused attention
+  projection split into q/k/v, the two projections transposed. Raises ValueError on a name it does not know
+  (named with `prefix`, the file's prefix of these names)."""
+  out = {}
+  for key, value in state_dict.items():
+    if key in _OPENAI_METADATA:
+      continue
+    value = np.asarray(value)
+    if key in ("visual.proj", "text_projection"):
+      out["visual_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.T
+      continue
+    m = re.fullmatch(r"(visual\.transformer|transformer)\.resblocks\.(\d+)\.(.+)", key)
+    if m:
+      tower = "vision_model" if m[1] == "visual.transformer" else "text_model"
+      stem, rest = f"{tower}.encoder.layers.{m[2]}.", m[3]
+      fused = re.fullmatch(r"attn\.in_proj_(weight|bias)", rest)
+      if fused:
+        for x, part in zip("qkv", np.split(value, 3, axis=0)):
+          out[f"{stem}self_attn.{x}_proj.{fused[1]}"] = part
+        continue
+      for pattern, hf in _OPENAI_BLOCK:
+        if re.match(pattern, rest):
+          out[stem + re.sub(pattern, hf, rest, count=1)] = value
+          break
+      else:
+        raise ValueError(f"checkpoint parameter {prefix + key!r}: not a parameter of CLIP's blocks")
+      continue
+    for pattern, hf in _OPENAI_RULES:
+      if re.fullmatch(pattern, key):
+        out[re.sub(pattern, hf, key)] = value
+        break
+    else:
+      raise ValueError(f"checkpoint parameter {prefix + key!r} has no place in CLIP (OpenAI's names)")
+  return out
+
+
+# Our SegCLIP path (group module, reconstruction) -> the release's name, below `clip.visual.transformer.`
+# (`vis_mae_decoder.` is top-level). `{i}` an index, `{p}` scale/bias/kernel -> weight/bias.
+_SEGCLIP_PAIRS = [
+    ("semantic/semantic_center", "semantic_layer2.semantic_center"),
+    ("semantic/cross_att_{i}/in_proj_kernel", "semantic_layer2.cross_att.{i}.attn.in_proj_weight"),
+    ("semantic/cross_att_{i}/in_proj_bias", "semantic_layer2.cross_att.{i}.attn.in_proj_bias"),
+    ("semantic/cross_att_{i}/out_proj_kernel", "semantic_layer2.cross_att.{i}.attn.out_proj.weight"),
+    ("semantic/cross_att_{i}/out_proj_bias", "semantic_layer2.cross_att.{i}.attn.out_proj.bias"),
+    ("semantic/cross_att_{i}/ln_x/{p}", "semantic_layer2.cross_att.{i}.ln_x.{p}"),
+    ("semantic/cross_att_{i}/ln_k/{p}", "semantic_layer2.cross_att.{i}.ln_k.{p}"),
+    ("semantic/cross_att_{i}/ln_2/{p}", "semantic_layer2.cross_att.{i}.ln_2.{p}"),
+    ("semantic/cross_att_{i}/mlp/fc1/{p}", "semantic_layer2.cross_att.{i}.mlp.c_fc.{p}"),
+    ("semantic/cross_att_{i}/mlp/fc2/{p}", "semantic_layer2.cross_att.{i}.mlp.c_proj.{p}"),
+    ("semantic/cross_ln/{p}", "semantic_layer2.cross_ln.{p}"),
+    ("semantic/norm/{p}", "semantic_layer2.norm.{p}"),
+    ("semantic/k_ln/{p}", "semantic_layer2.k_ln.{p}"),
+    ("semantic/k_conv/kernel", "semantic_layer2.k_conv.weight"),
+    ("semantic/v_conv/kernel", "semantic_layer2.v_conv.weight"),
+    ("semantic/proj_o_ln/{p}", "semantic_layer2.proj_o.ln.{p}"),
+    ("semantic/proj_o_mlp/fc1/{p}", "semantic_layer2.proj_o.mlp.fc1.{p}"),
+    ("semantic/proj_o_mlp/fc2/{p}", "semantic_layer2.proj_o.mlp.fc2.{p}"),
+    ("reconstruct_layer/{p}", "reconstruct_layer2.rec_proj_a.a_fc.{p}"),
+    ("mae_blocks_{i}/attn/in_proj/{p}", "layers_mae2.{i}.attn.in_proj_{p}"),
+    ("mae_blocks_{i}/attn/out_proj/{p}", "layers_mae2.{i}.attn.out_proj.{p}"),
+    ("mae_blocks_{i}/ln_1/{p}", "layers_mae2.{i}.ln_1.{p}"),
+    ("mae_blocks_{i}/ln_2/{p}", "layers_mae2.{i}.ln_2.{p}"),
+    ("mae_blocks_{i}/mlp/fc1/{p}", "layers_mae2.{i}.mlp.c_fc.{p}"),
+    ("mae_blocks_{i}/mlp/fc2/{p}", "layers_mae2.{i}.mlp.c_proj.{p}"),
+    ("mae_decoder/embed/{p}", "vis_mae_decoder.decoder_embed.{p}"),
+    ("mae_decoder/mask_token", "vis_mae_decoder.mask_token"),
+    ("mae_decoder/blocks_{i}/norm1/{p}", "vis_mae_decoder.decoder_blocks.{i}.norm1.{p}"),
+    ("mae_decoder/blocks_{i}/norm2/{p}", "vis_mae_decoder.decoder_blocks.{i}.norm2.{p}"),
+    ("mae_decoder/blocks_{i}/attn/qkv/{p}", "vis_mae_decoder.decoder_blocks.{i}.attn.qkv.{p}"),
+    ("mae_decoder/blocks_{i}/attn/proj/{p}", "vis_mae_decoder.decoder_blocks.{i}.attn.proj.{p}"),
+    ("mae_decoder/blocks_{i}/mlp/fc1/{p}", "vis_mae_decoder.decoder_blocks.{i}.mlp.fc1.{p}"),
+    ("mae_decoder/blocks_{i}/mlp/fc2/{p}", "vis_mae_decoder.decoder_blocks.{i}.mlp.fc2.{p}"),
+    ("mae_decoder/norm/{p}", "vis_mae_decoder.decoder_norm.{p}"),
+    ("mae_decoder/pred/{p}", "vis_mae_decoder.decoder_pred.{p}"),
+]
+# In the release but not built here: the fixed positions of the pixel decoder (computed), and the text
+# reconstruction's decoder (SegCLIP's optional masked-caption loss).
+_SEGCLIP_SKIPPED = re.compile(r"^(vis_mae_decoder\.decoder_pos_embed|seq_mae_decoder\.)")
+
+
+def _segclip_name(path: str) -> str | None:
+  for ours, theirs in _SEGCLIP_PAIRS:
+    pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
+    m = re.fullmatch(pattern, path)
+    if m:
+      groups = m.groupdict()
+      if "p" in groups:
+        groups["p"] = _CLIP_PARAM[groups["p"]]
+      name = theirs.format(**groups)
+      return name if name.startswith("vis_mae_decoder.") else "clip.visual.transformer." + name
+  return None
+
+
+def segclip_release_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                                 insert_after: int) -> tuple[dict[str, Any], list[str]]:
+  """SegCLIP's released state dict (`segclip.bin`: `clip.*` CLIP in OpenAI's layout, blocks split into
+  `layers0.<i>` before the group module and `layers2.<j>` after it; `semantic_layer2`,
+  `reconstruct_layer2`, `layers_mae2`, `vis_mae_decoder`) -> our SegCLIP variables shaped like `template`.
+
+  Parameters of the reconstruction the config does not build are left out, and the config's that the
+  file lacks keep the template's values; both are returned (as our paths / the file's names) in the
+  notes. Raises ValueError on a missing group-module or CLIP parameter, a wrong shape or an unknown name.
+  """
+  sd = {}
+  for key, value in state_dict.items():
+    key = key[len("module."):] if key.startswith("module.") else key
+    m = re.fullmatch(r"clip\.visual\.transformer\.layers(0|2)\.(\d+)\.(.+)", key)
+    if m:
+      index = int(m[2]) + (insert_after if m[1] == "2" else 0)
+      key = f"clip.visual.transformer.resblocks.{index}.{m[3]}"
+    sd[key] = np.asarray(value)
+  params = dict(template["params"])
+  clip_sd = {k[len("clip."):]: v for k, v in sd.items()
+             if k.startswith("clip.") and not _segclip_module_key(k)}
+  clip_part = {k: v for k, v in params.items() if k in CLIP_PARAMS}
+  params.update(clip_hf_to_variables(openai_clip_to_hf(clip_sd, "clip."), {"params": clip_part})["params"])
+  used, notes = {"clip." + k for k in clip_sd}, []
+  flat = {}
+  for path, leaf in _flat({k: v for k, v in params.items() if k not in CLIP_PARAMS}).items():
+    name = "/".join(path)
+    key = _segclip_name(name)
+    if key is None:
+      raise ValueError(f"our SegCLIP parameter {name} has no name in SegCLIP's release")
+    if key not in sd:
+      if path[0] == "semantic":
+        raise ValueError(f"checkpoint has no parameter {key!r} (needed for {name}, shape {tuple(leaf.shape)})")
+      notes.append(f"{name}: not in the file, kept as initialised")
+      flat[path] = np.asarray(leaf)
+      continue
+    value = sd[key]
+    used.add(key)
+    if name.endswith("_conv/kernel"):  # grouped 1x1 conv [out, in / groups, 1] -> [groups, in, out]
+      g = leaf.shape[0]
+      value = value.reshape(g, value.shape[0] // g, value.shape[1]).transpose(0, 2, 1)
+    elif name.endswith("kernel") and value.ndim == 2:
+      value = value.T
+    elif name.endswith("mask_token"):
+      value = value.reshape(-1)
+    if value.shape != tuple(leaf.shape):
+      raise ValueError(f"parameter {name}: checkpoint shape {value.shape} does not fit the config's {tuple(leaf.shape)}")
+    flat[path] = value.astype(np.float32)
+  rest = sorted(k for k in set(sd) - used if not _SEGCLIP_SKIPPED.search(k))
+  unknown = [k for k in rest if not _segclip_module_key(k)]
+  if unknown:
+    raise ValueError(f"checkpoint parameter {unknown[0]!r} has no place in SegCLIP ({len(unknown)} unknown in all)")
+  if rest:
+    notes.append(f"{len(rest)} reconstruction parameters of the file are not built by this config "
+                 f"(model.reconstruction), e.g. {rest[0]}")
+  params.update(flax.traverse_util.unflatten_dict(flat))
+  return {**template, "params": params}, notes
+
+
+def _segclip_module_key(key: str) -> bool:
+  """Whether a release name belongs to SegCLIP's own modules (not CLIP's towers)."""
+  return key.startswith("vis_mae_decoder.") or bool(re.match(
+      r"clip\.visual\.transformer\.(semantic_layer2|reconstruct_layer2|layers_mae2)\.", key))
+
+
+def clip_state_dict_format(state_dict: Mapping[str, Any]) -> str:
+  """'hf' (transformers CLIPModel), 'openai' (OpenAI's CLIP) or 'segclip' (SegCLIP's release), by names."""
+  keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+  if any(k.startswith("clip.visual.") for k in keys):
+    return "segclip"
+  if any(k.startswith("visual.") for k in keys):
+    return "openai"
+  if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+    return "hf"
+  raise ValueError(f"not a CLIP or SegCLIP checkpoint: no CLIPModel, OpenAI CLIP or SegCLIP names "
+                   f"(first key: {next(iter(state_dict), '<empty>')!r})")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Files and the CLI.
 # ---------------------------------------------------------------------------------------------------
 
@@ -377,6 +571,10 @@ def load_state_dict(path: str) -> StateDict:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for foreign or corrupt files.
+    if "TorchScript" in str(e):  # OpenAI's released CLIP files (ViT-B-16.pt) are TorchScript programs
+      raise ValueError(f"{path}: a TorchScript archive, which is not read here (loading it runs its code); save "
+                       "its state dict with torch.save(torch.jit.load(path, map_location='cpu').state_dict(), "
+                       "'clip_state_dict.pt') and convert that") from None
     raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                      f"{str(e)[:300]})") from None
   for key in ("model", "state_dict"):
@@ -447,19 +645,30 @@ def main(argv):
 
 
 def _import_clip_for_segclip(config: Any, input_path: str, output: str) -> None:
-  """CLIP weights (transformers CLIPModel names) into a SegCLIP checkpoint; the group module from seed 0."""
+  """CLIP weights (transformers CLIPModel or OpenAI names; the group module from seed 0) or SegCLIP's
+  release (`segclip.bin`) into a SegCLIP checkpoint."""
   import jax  # pylint: disable=g-import-not-at-top
   from groupvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from groupvit_jax.models import build_model, count_params, random_variables  # pylint: disable=g-import-not-at-top
   if not (input_path and output):
-    raise ValueError("a SegCLIP config imports CLIP weights: give --input (a CLIPModel .safetensors/.bin) and --output")
+    raise ValueError("a SegCLIP config imports CLIP or SegCLIP weights: give --input (a CLIPModel .safetensors/.bin, "
+                     "an OpenAI CLIP state dict or segclip.bin) and --output")
   sd = load_state_dict(input_path)
+  fmt = clip_state_dict_format(sd)
   variables = random_variables(build_model(config.model), config.model, jax.random.key(0))
-  variables = import_clip(sd, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  if fmt == "segclip":
+    variables, notes = segclip_release_to_variables(sd, variables, config.model.group.insert_after)
+    checkpoint.save_variables(output, variables)
+    print(f"imported SegCLIP's {count_params(variables['params']):,} parameters from {input_path} to {output}")
+    for note in notes:
+      print(f"  {note}")
+    return
+  variables = import_clip(openai_clip_to_hf(sd) if fmt == "openai" else sd, variables)
   checkpoint.save_variables(output, variables)
-  new = count_params(variables["params"]["semantic"])
-  print(f"imported {count_params(variables['params']) - new:,} CLIP parameters from {input_path} to {output}; "
-        f"the semantic group module's {new:,} start from seed 0")
+  new = count_params({k: v for k, v in variables["params"].items() if k not in CLIP_PARAMS})
+  print(f"imported {count_params(variables['params']) - new:,} CLIP parameters ({fmt} names) from {input_path} to "
+        f"{output}; the semantic group module's (and the reconstruction's) {new:,} start from seed 0")
 
 
 def _export_segclip_clip(config: Any, checkpoint_dir: str, path: str) -> None:
@@ -468,7 +677,7 @@ def _export_segclip_clip(config: Any, checkpoint_dir: str, path: str) -> None:
   if not checkpoint_dir:
     raise ValueError("--export_hf needs --checkpoint (a SegCLIP checkpoint directory or training workdir)")
   variables = checkpoint.load_model_variables(checkpoint_dir, config.model)
-  clip_part = {k: v for k, v in variables["params"].items() if k != "semantic"}
+  clip_part = {k: v for k, v in variables["params"].items() if k in CLIP_PARAMS}
   sd = clip_variables_to_hf({"params": clip_part})
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, path)

@@ -6,6 +6,9 @@ decoder predicts the patch's pixels. One group for the whole image cannot redraw
 so the loss rewards groups that follow the image's parts (SegCLIP's reconstruction, Luo et al. 2023).
 With masking, the groups come from an encoder pass over the kept patches only and the decoder predicts
 the dropped ones from them and mask tokens, as in MAE.
+
+`GroupReconstructor` is GroupViT's decoder (group tokens in); `MaskedPatchDecoder` is SegCLIP's (MAE's
+decoder over patch states that were rebuilt from the regions, models/segclip.py).
 """
 
 from typing import Optional, Sequence
@@ -13,6 +16,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from groupvit_jax.models.layers import Dtype, Mlp, dense, layer_norm, normal, param_with_axes
 from groupvit_jax.models.vit import AttnBlock
@@ -90,4 +94,60 @@ class GroupReconstructor(nn.Module):
     for i in range(self.depth):
       x = AttnBlock(self.num_heads, dtype=self.dtype, name=f"blocks_{i}")(x)
     x = layer_norm("norm", self.dtype)(x)
+    return dense(self.patch_pixels, ("embed", None), name="pred", dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def sincos_positions(dim: int, grid: int) -> np.ndarray:
+  """MAE's fixed 2-D sine-cosine positions `[grid * grid, dim]` (row-major patches): the first half of
+  the channels encodes the column, the second the row, each as [sin(pos * w_i), cos(pos * w_i)] with
+  w_i = 10000^(-i / (dim / 4))."""
+  if dim % 4:
+    raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")
+  omega = 1.0 / 10000**(np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+  halves = []
+  for pos in (cols.reshape(-1), rows.reshape(-1)):
+    out = pos[:, None] * omega[None, :]
+    halves.append(np.concatenate([np.sin(out), np.cos(out)], axis=1))
+  return np.concatenate(halves, axis=1).astype(np.float32)
+
+
+class MaskedPatchDecoder(nn.Module):
+  """SegCLIP's pixel decoder (MAE's): hidden states of the kept patches in, every patch's pixels out.
+
+  The kept patches' states (projected to `dim`) take their places among learned mask tokens; a leading
+  class slot holds the mean of the kept states, as the reference's; fixed sine-cosine positions (zero for
+  the class slot); `depth` pre-norm blocks; a LayerNorm and a linear map to the pixels. The class slot
+  is dropped from the output.
+  """
+  num_patches: int
+  patch_pixels: int
+  dim: int = 384
+  depth: int = 3
+  num_heads: int = 8
+  masked: bool = True  # whether dropped patches occur (they take a learned mask token)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+    """Args:
+      hidden: `[batch, kept, width]`.
+      keep: `[batch, kept]` indices of the kept patches, None when every patch is kept.
+    Returns:
+      `[batch, num_patches, patch_pixels]` predicted pixels.
+    """
+    b = hidden.shape[0]
+    x = jnp.concatenate([hidden.mean(axis=1, keepdims=True), hidden], axis=1)
+    x = dense(self.dim, ("embed", "mlp"), name="embed", dtype=self.dtype)(x)
+    if self.masked:
+      mask_token = param_with_axes(self, "mask_token", normal(0.02), (self.dim,), ("embed",))
+    if keep is not None:
+      full = jnp.broadcast_to(mask_token.astype(self.dtype), (b, self.num_patches, self.dim))
+      x = jnp.concatenate([x[:, :1], full.at[jnp.arange(b)[:, None], keep].set(x[:, 1:])], axis=1)
+    grid = int(round(self.num_patches**0.5))
+    pos = np.concatenate([np.zeros((1, self.dim), np.float32), sincos_positions(self.dim, grid)])
+    x = x + jnp.asarray(pos, self.dtype)
+    for i in range(self.depth):
+      x = AttnBlock(self.num_heads, dtype=self.dtype, name=f"blocks_{i}")(x)
+    x = layer_norm("norm", self.dtype)(x[:, 1:])
     return dense(self.patch_pixels, ("embed", None), name="pred", dtype=self.dtype)(x).astype(jnp.float32)

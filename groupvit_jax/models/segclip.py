@@ -22,9 +22,10 @@ import jax.numpy as jnp
 
 from groupvit_jax.models.clip import CLIPVisionTower
 from groupvit_jax.models.grouping import assignment_probs
-from groupvit_jax.models.layers import (Dtype, Mlp, attention, exact_gelu, layer_norm, normal, param_with_axes,
-                                        quick_gelu, use_kernels, zeros)
-from groupvit_jax.models.text_transformer import TextTransformer
+from groupvit_jax.models.layers import (Dtype, Mlp, attention, dense, exact_gelu, layer_norm, normal,
+                                        param_with_axes, quick_gelu, use_kernels, zeros)
+from groupvit_jax.models.reconstruction import MaskedPatchDecoder, random_keep
+from groupvit_jax.models.text_transformer import ResidualAttentionBlock, TextTransformer
 
 
 class CrossAttentionBlock(nn.Module):
@@ -115,6 +116,13 @@ class SegCLIP(nn.Module):
   embed_dim: int = 512
   dtype: Dtype = jnp.float32
   kernels: str = "xla"
+  # SegCLIP's reconstruction (`reconstruction` in the training outputs): a second pass over a random
+  # `1 - mask_ratio` of the patches through blocks 0..k-1 and the group module; each kept patch takes a
+  # learned mixture of the regions by its assignment (`reconstruct_layer`: a linear map over the region
+  # axis, QuickGELU), own copies of the blocks after k (`mae_blocks_<i>`), and `mae_decoder` (`dim`,
+  # `depth`, `num_heads`) predicts the dropped patches' pixels. mask_ratio 0: every patch, from the
+  # main pass's patches and assignment. None: no reconstruction.
+  reconstruction: Optional[dict] = None
 
   def setup(self):
     self.visual = CLIPVisionTower(output_dim=self.embed_dim, dtype=self.dtype, **self.vision)
@@ -124,23 +132,61 @@ class SegCLIP(nn.Module):
     self.text_projection = param_with_axes(self, "text_projection", normal(self.text["width"]**-0.5),
                                            (self.text["width"], self.embed_dim), ("embed", None))
     self.logit_scale = param_with_axes(self, "logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), (), ())
+    if self.reconstruction:
+      r, v = self.reconstruction, self.vision
+      self.reconstruct_layer = dense(self.group["num_groups"], (None, None), name="reconstruct_layer", dtype=self.dtype)
+      self.mae_blocks = [ResidualAttentionBlock(v["heads"], v["layers"], dtype=self.dtype)
+                         for _ in range(v["layers"] - self.group["insert_after"])]
+      self.mae_decoder = MaskedPatchDecoder(
+          num_patches=(v["image_size"] // v["patch_size"])**2, patch_pixels=v["patch_size"]**2 * 3, dim=r["dim"],
+          depth=r["depth"], num_heads=r["num_heads"], masked=r["mask_ratio"] > 0, dtype=self.dtype)
 
   def encode_image(self, images: jax.Array, train: bool = False, return_groups: bool = False) -> dict[str, Any]:
     """Images -> `image_embeds` `[batch, embed]`, `tokens` (regions), `assignments` (one map) and, with
     `return_groups`, `group_embeds` (each region through ln_post and the projection)."""
     with use_kernels(self.kernels):
-      x, _ = self.visual.embed(images)
-      x = x[:, 1:]  # the class token is set aside: blocks 0..k-1 see the patches only
-      k = self.group["insert_after"]
-      for i in range(k):
-        x = self.visual.block(i, x)
-      x, maps = self.semantic(x, train)
-      for i in range(k, self.vision["layers"]):
-        x = self.visual.block(i, x)
-      out = {"image_embeds": self.visual.head(jnp.max(x, axis=1)), "tokens": x, "assignments": [maps]}
-      if return_groups:
-        out["group_embeds"] = self.visual.head(x)
-      return out
+      return self._encode_image(images, train, return_groups)[0]
+
+  def _encode_image(self, images: jax.Array, train: bool, return_groups: bool) -> tuple[dict[str, Any], jax.Array]:
+    """encode_image's outputs and the group module's region tokens."""
+    regions, maps = self.semantic(self._patches(images), train)
+    x = regions
+    for i in range(self.group["insert_after"], self.vision["layers"]):
+      x = self.visual.block(i, x)
+    out = {"image_embeds": self.visual.head(jnp.max(x, axis=1)), "tokens": x, "assignments": [maps]}
+    if return_groups:
+      out["group_embeds"] = self.visual.head(x)
+    return out, regions
+
+  def _patches(self, images: jax.Array, keep: Optional[jax.Array] = None) -> jax.Array:
+    """The patch tokens after blocks 0..k-1 (the class token set aside before the first block; with
+    `keep` `[batch, kept]`, only those patches)."""
+    x, _ = self.visual.embed(images)
+    x = x[:, 1:]
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)
+    for i in range(self.group["insert_after"]):
+      x = self.visual.block(i, x)
+    return x
+
+  def reconstruct(self, images: jax.Array, regions: jax.Array, maps: dict[str, jax.Array], train: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Predicted pixels `[batch, patches, pixels]` and the patches they are scored on `[batch, patches]`
+    (`regions`, `maps`: the main pass's, used when every patch is reconstructed)."""
+    b = images.shape[0]
+    n = self.mae_decoder.num_patches
+    keep = None
+    if train and self.reconstruction["mask_ratio"] > 0:
+      keep = random_keep(self.make_rng("mask"), b, n, self.reconstruction["mask_ratio"])
+      regions, maps = self.semantic(self._patches(images, keep), train)
+      weights = 1.0 - jnp.zeros((b, n), jnp.float32).at[jnp.arange(b)[:, None], keep].set(1.0)
+    else:
+      weights = jnp.ones((b, n), jnp.float32)
+    mix = self.reconstruct_layer(jnp.swapaxes(maps["hard"], 1, 2).astype(self.dtype))  # [batch, kept, groups]
+    x = quick_gelu(jnp.einsum("bpg,bgc->bpc", mix, regions))
+    for block in self.mae_blocks:
+      x = block(x, None)
+    return self.mae_decoder(x, keep), weights
 
   def encode_text(self, text: jax.Array, train: bool = False) -> jax.Array:
     del train
@@ -156,10 +202,18 @@ class SegCLIP(nn.Module):
     """Forward for training (text `[batch, length]` or `[batch, 1 + K, length]` with the K prompts, or the
     prompts apart): `image_embeds`, `text_embeds` (and `prompt_embeds` with prompts),
     `logit_scale` (also as `multi_label_logit_scale`) and `assignments`."""
-    image = self.encode_image(images, train)
+    with use_kernels(self.kernels):
+      return self._forward(images, text, train, prompts)
+
+  def _forward(self, images: jax.Array, text: jax.Array, train: bool, prompts: Optional[jax.Array]
+               ) -> dict[str, Any]:
+    image, regions = self._encode_image(images, train, False)
     scale, _ = self.logit_scales()
     out = {"image_embeds": image["image_embeds"], "logit_scale": scale, "multi_label_logit_scale": scale,
            "assignments": image["assignments"]}
+    if self.reconstruction:
+      out["reconstruction"], out["reconstruction_weights"] = self.reconstruct(
+          images, regions, image["assignments"][0], train)
     text_embeds = self.encode_text(text)
     if text.ndim == 3:  # [batch, 1 + K, length]: the caption, then its K prompts
       out["text_embeds"], out["prompt_embeds"] = text_embeds[:, 0], text_embeds[:, 1:]

@@ -106,3 +106,57 @@ def test_a_state_dict_that_does_not_fit_is_named():
     convert.clip_hf_to_variables({k: v for k, v in sd.items() if k != "text_projection.weight"}, template)
   with pytest.raises(ValueError, match=r"not a CLIPModel state dict"):
     convert.clip_hf_to_variables({"img_encoder.x": np.zeros(1)}, template)
+
+
+def openai_names(hf_sd):
+  """transformers CLIPModel tensors renamed to OpenAI's CLIP layout (clip/model.py: `visual.*`,
+  `transformer.resblocks.<i>.attn.in_proj_weight` fusing q|k|v by rows, `visual.proj` and
+  `text_projection` as [width, embed]), plus the ints OpenAI's state dicts carry."""
+  out = {"input_resolution": np.array(32), "context_length": np.array(16), "vocab_size": np.array(49408)}
+  fixed = {
+      "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+      "vision_model.embeddings.class_embedding": "visual.class_embedding",
+      "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+      "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+      "text_model.embeddings.position_embedding.weight": "positional_embedding",
+      "logit_scale": "logit_scale"}
+  for key, value in hf_sd.items():
+    if key.endswith("position_ids"):
+      continue
+    if key in fixed:
+      out[fixed[key]] = value
+    elif key in ("visual_projection.weight", "text_projection.weight"):
+      out["visual.proj" if key.startswith("visual") else "text_projection"] = value.T
+    elif ".pre_layrnorm." in key or ".post_layernorm." in key or ".final_layer_norm." in key:
+      stem = {"pre_layrnorm": "visual.ln_pre", "post_layernorm": "visual.ln_post",
+              "final_layer_norm": "ln_final"}[key.split(".")[1]]
+      out[f"{stem}.{key.split('.')[-1]}"] = value
+    else:
+      tower, _, _, i, *rest = key.split(".")
+      stem = f"{'visual.transformer' if tower == 'vision_model' else 'transformer'}.resblocks.{i}."
+      rest = ".".join(rest)
+      if rest.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+        kind = rest.split(".")[-1]
+        if rest.startswith("self_attn.q_proj"):
+          parts = [hf_sd[f"{tower}.encoder.layers.{i}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
+          out[f"{stem}attn.in_proj_{kind}"] = np.concatenate(parts, axis=0)
+        continue
+      rest = (rest.replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1")
+              .replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
+      out[stem + rest] = value
+  return out
+
+
+def test_openai_clip_names_give_the_same_weights():
+  """OpenAI's state dict layout (what `torch.jit.load(ViT-B-16.pt).state_dict()` holds) reads as the very
+  CLIPModel tensors it was renamed from."""
+  _, sd, _, _ = _converted("tiny")
+  openai = openai_names(sd)
+  assert convert.clip_state_dict_format(openai) == "openai"
+  back = convert.openai_clip_to_hf(openai)
+  expected = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+  assert sorted(back) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+  with pytest.raises(ValueError, match="visual.transformer.resblocks.0.attn.bogus"):
+    convert.openai_clip_to_hf({**openai, "visual.transformer.resblocks.0.attn.bogus": np.zeros(1)})

@@ -144,31 +144,41 @@ def test_image_embedding_is_the_projected_max_over_regions():
   assert full["image_embeds"].shape == (2, 12) and full["text_embeds"].shape == (2, 12)
 
 
-def test_a_tiny_segclip_trains_and_segments_on_the_shapes_world(shapes_data_dir, tmp_path):
-  """The trainer and the evaluator serve SegCLIP as they serve GroupViT: the loss falls over 60 steps (with
-  the superpixel loss on its map), the grouping diagnostics are logged, the segmentation evaluator runs."""
-  import json  # pylint: disable=g-import-not-at-top
-  from groupvit_jax import config_lib, train  # pylint: disable=g-import-not-at-top
-  from groupvit_jax.datasets import shapes  # pylint: disable=g-import-not-at-top
-  voc = shapes.write_voc_layout(str(tmp_path / "voc"), num_images=4, seed=1, image_size=32, world="coded")
-  config = config_lib.load_config(f"configs/demo.py:model=segclip,world=codedtiny32,superpixels=1,dim=32,"
-                                  f"steps=60,batch=16,data_dir={shapes_data_dir}")
-  config.log_every = 1
-  config.input.num_examples = 2000
-  config.evals = {"shapes_voc": {"kind": "segmentation", "dataset": "voc", "data_dir": voc, "crop": 32,
-                                 "stride": 32, "short_side": 32, "long_side": 128, "mode": "whole"}}
-  train.train_and_evaluate(config, str(tmp_path / "run"))
-  rows = {}
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
-    for line in f:
-      row = json.loads(line)
-      rows.setdefault(row["step"], {}).update(row)
+def test_a_tiny_segclip_trains_with_both_losses_and_resumes_exactly(shapes_data_dir, tmp_path):
+  """The trainer serves SegCLIP as it serves GroupViT: with the masked reconstruction (a quarter of the
+  patches kept) and the superpixel loss the loss falls over 48 steps and the grouping diagnostics are
+  logged; a run killed (-9) after step 6 and restarted logs every step exactly as the uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests import subprocess_util  # pylint: disable=g-import-not-at-top
+  from tests.test_train import REPO, _all_rows, _env, _metrics, _run_until  # pylint: disable=g-import-not-at-top
+
+  def cmd(workdir):
+    return [sys.executable, "-m", "groupvit_jax.train", f"--workdir={workdir}",
+            f"--config=configs/demo.py:model=segclip,world=codedtiny32,superpixels=1,mask=0.75,dim=32,steps=48,"
+            f"batch=16,data_dir={shapes_data_dir}", "--config.log_every=1", "--config.checkpoint_every=4",
+            "--config.input.num_examples=2000", "--config.evals={}"]
+
+  straight = str(tmp_path / "straight")
+  res = subprocess_util.run(cmd(straight), cwd=REPO, env=_env(), timeout=1200)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = _metrics(straight)
   first = np.mean([rows[s]["loss"] for s in range(1, 6)])
-  last = np.mean([rows[s]["loss"] for s in range(56, 61)])
-  assert last < first - 0.4, (first, last)  # 6.70 -> 5.95 measured
-  assert rows[60]["superpixel_loss"] > 0 and 1 <= rows[60]["grouping/stage1_groups"] <= 8
-  evaluated = json.load(open(tmp_path / "run" / "eval" / "voc_step60" / "metrics.json"))
-  assert 0 <= evaluated["mIoU"] <= 100 and evaluated["images"] == 4
+  last = np.mean([rows[s]["loss"] for s in range(44, 49)])
+  assert last < first - 0.4, (first, last)
+  assert rows[48]["reconstruction_loss"] < rows[1]["reconstruction_loss"]
+  assert rows[48]["superpixel_loss"] > 0 and 1 <= rows[48]["grouping/stage1_groups"] <= 8
+
+  killed = str(tmp_path / "killed")
+  rc, _ = _run_until(cmd(killed), killed, 6, signal.SIGKILL)
+  assert rc == -signal.SIGKILL and max(r["step"] for r in _all_rows(killed)) < 48
+  res = subprocess_util.run(cmd(killed), cwd=REPO, env=_env(), timeout=1200)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert [row["step"] for row in _all_rows(killed)] == list(range(1, 49))
+  resumed = _metrics(killed)
+  for step in range(1, 49):
+    for key, value in rows[step].items():
+      np.testing.assert_allclose(resumed[step][key], value, rtol=1e-6, atol=1e-7, err_msg=f"step {step} {key}")
 
 
 def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
@@ -201,7 +211,8 @@ def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
   assert "CLIP parameters" in res.stdout and "semantic group module" in res.stdout
   config = config_lib.load_config(spec)
   variables = checkpoint.load_variables(str(tmp_path / "init"), nn.unbox(variables_template(config.model)))
-  want = convert.clip_hf_to_variables(sd, {"params": {k: v for k, v in variables["params"].items() if k != "semantic"}})
+  want = convert.clip_hf_to_variables(sd, {"params": {k: v for k, v in variables["params"].items()
+                                                      if k in convert.CLIP_PARAMS}})
   got = flax.traverse_util.flatten_dict(variables["params"])
   for path, value in flax.traverse_util.flatten_dict(want["params"]).items():
     np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg="/".join(path))
@@ -225,3 +236,163 @@ def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
                        check=False)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "voc: mIoU" in res.stdout and (tmp_path / "eval" / "metrics.json").exists()
+
+
+def mae_sincos(dim, grid):
+  """MAE's get_2d_sincos_pos_embed (models_mae / util/pos_embed.py), with the class row of zeros."""
+  grid_h = np.arange(grid, dtype=np.float64)
+  grid_w = np.arange(grid, dtype=np.float64)
+  g = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid, grid)  # w goes first
+
+  def one(d, pos):
+    omega = 1.0 / 10000**(np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  emb = np.concatenate([one(dim // 2, g[0]), one(dim // 2, g[1])], axis=1)
+  return np.concatenate([np.zeros((1, dim)), emb], axis=0)
+
+
+def test_the_decoder_positions_are_mae_sine_cosine():
+  from groupvit_jax.models.reconstruction import sincos_positions  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(sincos_positions(64, 8), mae_sincos(64, 8)[1:], atol=1e-6)
+  np.testing.assert_allclose(sincos_positions(384, 14), mae_sincos(384, 14)[1:], atol=1e-6)
+
+
+def _torch_semantic(sd, x, heads, layers, groups):
+  """SegCLIP's SemanticLearnerModule at evaluation on the release's tensors, with torch's functional ops
+  (MultiheadAttention's forward, grouped Conv1d, LayerNorm), each image's centers attending to its own
+  tokens."""
+  import torch  # pylint: disable=g-import-not-at-top
+  f = torch.nn.functional
+  t = lambda k: torch.as_tensor(sd["clip.visual.transformer.semantic_layer2." + k], dtype=torch.float64)
+  x = torch.as_tensor(np.array(x), dtype=torch.float64)
+  b, _, c = x.shape
+  ln = lambda y, n: f.layer_norm(y, (c,), t(n + ".weight"), t(n + ".bias"))
+  qgelu = lambda y: y * torch.sigmoid(1.702 * y)
+  q = t("semantic_center")[None].repeat(b, 1, 1)
+  for i in range(layers):
+    pre = f"cross_att.{i}."
+    kv = ln(torch.cat([q, x], 1), pre + "ln_k").transpose(0, 1)
+    att, _ = f.multi_head_attention_forward(
+        ln(q, pre + "ln_x").transpose(0, 1), kv, kv, c, heads, t(pre + "attn.in_proj_weight"),
+        t(pre + "attn.in_proj_bias"), None, None, False, 0.0, t(pre + "attn.out_proj.weight"),
+        t(pre + "attn.out_proj.bias"), training=False, need_weights=False)
+    q = q + att.transpose(0, 1)
+    h = qgelu(f.linear(ln(q, pre + "ln_2"), t(pre + "mlp.c_fc.weight"), t(pre + "mlp.c_fc.bias")))
+    q = q + f.linear(h, t(pre + "mlp.c_proj.weight"), t(pre + "mlp.c_proj.bias"))
+  q = ln(q, "cross_ln")
+  normed = ln(x, "norm").transpose(1, 2)
+  k = ln(f.conv1d(normed, t("k_conv.weight"), groups=heads).transpose(1, 2), "k_ln")
+  v = f.conv1d(normed, t("v_conv.weight"), groups=heads).transpose(1, 2)
+  soft = torch.einsum("bgc,blc->bgl", q, k).softmax(1)
+  hard = f.one_hot(soft.argmax(1), groups).transpose(1, 2).to(torch.float64)
+  regions = hard @ v / hard.sum(-1, keepdim=True).clamp_min(1.0)
+  y = ln(q + regions, "proj_o.ln")
+  y = f.linear(f.gelu(f.linear(y, t("proj_o.mlp.fc1.weight"), t("proj_o.mlp.fc1.bias"))),
+               t("proj_o.mlp.fc2.weight"), t("proj_o.mlp.fc2.bias"))
+  return qgelu(y).numpy(), hard.numpy()
+
+
+def _release_state_dict(hf_sd, width, heads, groups, insert_after, decoder, rng):
+  """A state dict in the naming of SegCLIP's release (random values in torch's layouts): CLIP in OpenAI's
+  names under `clip.`, the visual blocks split into layers0 / layers2 around the group module."""
+  from tests.models.test_clip import openai_names  # pylint: disable=g-import-not-at-top
+  sd = {}
+  for key, value in openai_names(hf_sd).items():
+    if key in ("input_resolution", "context_length", "vocab_size"):
+      continue
+    parts = key.split(".")
+    if key.startswith("visual.transformer.resblocks."):
+      i = int(parts[3])
+      parts[2:4] = ["layers0", str(i)] if i < insert_after else ["layers2", str(i - insert_after)]
+    sd["clip." + ".".join(parts)] = value
+  r = lambda *shape: (0.3 * rng.standard_normal(shape)).astype(np.float32)
+  c = width
+  sem = {"semantic_center": r(groups, c), "cross_ln.weight": 1 + r(c), "cross_ln.bias": r(c),
+         "norm.weight": 1 + r(c), "norm.bias": r(c), "k_ln.weight": 1 + r(c), "k_ln.bias": r(c),
+         "k_conv.weight": r(c, c // heads, 1), "v_conv.weight": r(c, c // heads, 1),
+         "proj_o.ln.weight": 1 + r(c), "proj_o.ln.bias": r(c), "proj_o.mlp.fc1.weight": r(4 * c, c),
+         "proj_o.mlp.fc1.bias": r(4 * c), "proj_o.mlp.fc2.weight": r(c, 4 * c), "proj_o.mlp.fc2.bias": r(c)}
+  for i in range(2):
+    sem.update({f"cross_att.{i}.attn.in_proj_weight": r(3 * c, c), f"cross_att.{i}.attn.in_proj_bias": r(3 * c),
+                f"cross_att.{i}.attn.out_proj.weight": r(c, c), f"cross_att.{i}.attn.out_proj.bias": r(c),
+                f"cross_att.{i}.mlp.c_fc.weight": r(4 * c, c), f"cross_att.{i}.mlp.c_fc.bias": r(4 * c),
+                f"cross_att.{i}.mlp.c_proj.weight": r(c, 4 * c), f"cross_att.{i}.mlp.c_proj.bias": r(c)})
+    for n in ("ln_x", "ln_k", "ln_2"):
+      sem.update({f"cross_att.{i}.{n}.weight": 1 + r(c), f"cross_att.{i}.{n}.bias": r(c)})
+  sd.update({"clip.visual.transformer.semantic_layer2." + k: v for k, v in sem.items()})
+  sd["clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.weight"] = r(groups, groups)
+  sd["clip.visual.transformer.reconstruct_layer2.rec_proj_a.a_fc.bias"] = r(groups)
+  mae = {"attn.in_proj_weight": r(3 * c, c), "attn.in_proj_bias": r(3 * c), "attn.out_proj.weight": r(c, c),
+         "attn.out_proj.bias": r(c), "ln_1.weight": r(c), "ln_1.bias": r(c), "ln_2.weight": r(c), "ln_2.bias": r(c),
+         "mlp.c_fc.weight": r(4 * c, c), "mlp.c_fc.bias": r(4 * c), "mlp.c_proj.weight": r(c, 4 * c),
+         "mlp.c_proj.bias": r(c)}
+  sd.update({"clip.visual.transformer.layers_mae2.0." + k: v for k, v in mae.items()})
+  d, pixels, num_patches = decoder
+  dec = {"decoder_embed.weight": r(d, c), "decoder_embed.bias": r(d), "mask_token": r(1, 1, d),
+         "decoder_pos_embed": mae_sincos(d, int(num_patches**0.5))[None].astype(np.float32),
+         "decoder_blocks.0.norm1.weight": r(d), "decoder_blocks.0.norm1.bias": r(d),
+         "decoder_blocks.0.attn.qkv.weight": r(3 * d, d), "decoder_blocks.0.attn.qkv.bias": r(3 * d),
+         "decoder_blocks.0.attn.proj.weight": r(d, d), "decoder_blocks.0.attn.proj.bias": r(d),
+         "decoder_blocks.0.norm2.weight": r(d), "decoder_blocks.0.norm2.bias": r(d),
+         "decoder_blocks.0.mlp.fc1.weight": r(4 * d, d), "decoder_blocks.0.mlp.fc1.bias": r(4 * d),
+         "decoder_blocks.0.mlp.fc2.weight": r(d, 4 * d), "decoder_blocks.0.mlp.fc2.bias": r(d),
+         "decoder_norm.weight": r(d), "decoder_norm.bias": r(d), "decoder_pred.weight": r(pixels, d),
+         "decoder_pred.bias": r(pixels)}
+  sd.update({"vis_mae_decoder." + k: v for k, v in dec.items()})
+  sd["seq_mae_decoder.decoder_embed.weight"] = r(4, 4)  # the text reconstruction's, not built here
+  return sd
+
+
+def test_segclips_released_weights_import(tmp_path):
+  """A state dict named as SegCLIP's release (`segclip.bin`), saved by torch, through the conversion:
+  CLIP's towers equal the transformers route, the group module computes what torch's functional ops
+  compute on the release's tensors, and the reconstruction's tensors land where they act."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.models import convert, variables_template  # pylint: disable=g-import-not-at-top
+  hf_config = transformers.CLIPConfig(
+      vision_config=dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+                         intermediate_size=128),
+      text_config=dict(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=16, eos_token_id=49407),
+      projection_dim=64)
+  torch.manual_seed(0)
+  hf_sd = {k: v.numpy() for k, v in transformers.CLIPModel(hf_config).state_dict().items()}
+  sd = _release_state_dict(hf_sd, 32, 4, 8, 4, (64, 48, 64), np.random.default_rng(0))
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp_path / "segclip.bin"))
+  config = config_lib.load_config("configs/demo.py:model=segclip,dim=32,mask=0.75,data_dir=/nonexistent")
+  assert convert.clip_state_dict_format(sd) == "segclip"
+  convert._import_clip_for_segclip(config, str(tmp_path / "segclip.bin"), str(tmp_path / "init"))  # pylint: disable=protected-access
+  params = checkpoint.load_variables(str(tmp_path / "init"), nn.unbox(variables_template(config.model)))["params"]
+  # CLIP's towers: as the transformers route reads them.
+  clip_template = {"params": {k: v for k, v in params.items() if k in convert.CLIP_PARAMS}}
+  want = flax.traverse_util.flatten_dict(convert.clip_hf_to_variables(hf_sd, clip_template)["params"])
+  got = flax.traverse_util.flatten_dict(params)
+  for path, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg="/".join(path))
+  # The group module: its forward against torch's on the same tensors.
+  x = jax.random.normal(jax.random.key(3), (2, 64, 32))
+  regions, maps = SemanticGroup(8, 4).apply({"params": params["semantic"]}, x, False)
+  want_regions, want_hard = _torch_semantic(sd, x, 4, 2, 8)
+  np.testing.assert_array_equal(np.asarray(maps["hard"]), want_hard)
+  np.testing.assert_allclose(regions, want_regions, atol=1e-4)
+  # The reconstruction: Linear weights transposed, the mask token flattened, torch's qkv rows as columns.
+  p = "clip.visual.transformer."
+  np.testing.assert_array_equal(params["reconstruct_layer"]["kernel"], sd[p + "reconstruct_layer2.rec_proj_a.a_fc.weight"].T)
+  np.testing.assert_array_equal(params["mae_blocks_0"]["attn"]["in_proj"]["kernel"],
+                                sd[p + "layers_mae2.0.attn.in_proj_weight"].T)
+  np.testing.assert_array_equal(params["mae_blocks_0"]["mlp"]["fc1"]["kernel"], sd[p + "layers_mae2.0.mlp.c_fc.weight"].T)
+  dec = params["mae_decoder"]
+  np.testing.assert_array_equal(dec["mask_token"], sd["vis_mae_decoder.mask_token"].reshape(-1))
+  np.testing.assert_array_equal(dec["blocks_0"]["attn"]["qkv"]["kernel"], sd["vis_mae_decoder.decoder_blocks.0.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(dec["pred"]["bias"], sd["vis_mae_decoder.decoder_pred.bias"])
+  # Without the reconstruction in the config its tensors are left out (and said so); a foreign name is refused.
+  plain = config_lib.load_config("configs/demo.py:model=segclip,dim=32,recon=0,data_dir=/nonexistent")
+  template = {"params": nn.unbox(variables_template(plain.model))["params"]}
+  _, notes = convert.segclip_release_to_variables(sd, template, 4)
+  assert len(notes) == 1 and "not built by this config" in notes[0]
+  with pytest.raises(ValueError, match="clip.visual.transformer.bogus"):
+    convert.segclip_release_to_variables({**sd, "clip.visual.transformer.bogus": np.zeros(2)}, template, 4)
