@@ -2,12 +2,14 @@
 
   python -m benchmarks.input_pipeline [--batches=40] [--workdir=/tmp/gvj_bench_input]
 
-Measures images/s (and per host core) for
+Measures images/s for
   1. the shapes world at 64 px (TFDS, PNG decode, random resized crop, flip, nouns, 3 prompts),
   2. 224-px JPEG TFRecord shards with noun prompts (generated here: shapes-world scenes at 320 px,
-     JPEG q90), tokenized with SentencePiece (in-graph) and with CLIP BPE (Python via numpy_function),
-  each also with the superpixels op (Felzenszwalb on the host) that the superpixel loss needs,
-and the noun extractor's captions/s, and its precision/recall against textblob's POS tagger.
+     JPEG q90), tokenized in-graph with SentencePiece and with CLIP BPE, on tf.data thread pools of 1, 2
+     and all cores (`--threads`),
+  each also with the superpixels op (Felzenszwalb on the host) that the superpixel loss needs; a scaling
+model (the measured rate per thread times a TPU host's cores against what GroupViT-S needs per host);
+the noun extractor's captions/s, and its precision/recall against textblob's POS tagger.
 """
 
 import os
@@ -25,6 +27,7 @@ from groupvit_jax.pp import nouns, tokenizers
 flags.DEFINE_integer("batches", 40, "Batches to time after warm-up.")
 flags.DEFINE_integer("batch_size", 64, "Per-host batch size.")
 flags.DEFINE_string("workdir", "/tmp/gvj_bench_input", "Scratch directory for generated data.")
+flags.DEFINE_list("threads", ["1", "2", "all"], "tf.data thread-pool sizes for the 224-px rows ('all': every core).")
 FLAGS = flags.FLAGS
 CAPTIONS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                         "captions_sample.txt")
@@ -47,7 +50,13 @@ def _jpeg_shards(directory: str, num: int = 1024, size: int = 320) -> str:
   return pattern
 
 
-def _time(config, tokenizer, batches, batch_size) -> float:
+# GroupViT-S (batch 4096) at the step times docs/launching.md estimates: (slice, step s, hosts, vCPUs per host).
+SLICES = (("v4-32", 0.076, 4, 240), ("v5e-64", 0.027, 16, 224))
+
+
+def _time(config, tokenizer, batches, batch_size, threads=0) -> float:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.threads = threads
   ds = input_pipeline.build_train_dataset(config, tokenizer=tokenizer, seed=0, batch_size=batch_size)
   it = input_pipeline.DataIterator(ds)
   for _ in range(5):
@@ -82,13 +91,26 @@ def main(argv):
   jpeg_cfg = ml_collections.ConfigDict(dict(
       data=[dict(kind="tfrecord", patterns=[_jpeg_shards(os.path.join(FLAGS.workdir, "jpeg"))])],
       pp="random_resized_crop(224)|flip|normalize|nouns|prompts(3)", context_length=77))
-  rows.append(("224px JPEG shards + prompts, sentencepiece", _time(jpeg_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
-  rows.append(("224px JPEG shards + prompts, CLIP BPE", _time(jpeg_cfg, clip, FLAGS.batches, FLAGS.batch_size)))
+  per_thread = {}
+  for n in sorted({cores if t == "all" else int(t) for t in FLAGS.threads}):
+    for name, tok in (("sentencepiece", sp), ("CLIP BPE", clip)):
+      ips = _time(jpeg_cfg, tok, FLAGS.batches, FLAGS.batch_size, threads=n)
+      rows.append((f"224px JPEG shards + prompts, {name}, {n} thread{'s' * (n > 1)}", ips))
+      if n == 1:
+        per_thread[name] = ips
   jpeg_cfg.pp = "random_resized_crop(224)|flip|superpixels(16)|normalize|nouns|prompts(3)"
-  rows.append(("  + superpixels (patch 16), sentencepiece", _time(jpeg_cfg, sp, FLAGS.batches, FLAGS.batch_size)))
-  print(f"\n{'pipeline':<46}{'images/s':>10}{'per core':>10}")
+  rows.append(("  + superpixels (patch 16), sentencepiece, all cores", _time(jpeg_cfg, sp, FLAGS.batches,
+                                                                               FLAGS.batch_size, threads=cores)))
+  print(f"\n{'pipeline':<58}{'images/s':>10}")
   for name, ips in rows:
-    print(f"{name:<46}{ips:>10.0f}{ips / cores:>10.0f}")
+    print(f"{name:<58}{ips:>10.0f}")
+  if per_thread:
+    print("\nscaling model (the 1-thread rate times a TPU host's vCPUs, if tf.data scaled linearly) against "
+          "GroupViT-S's need per host (batch 4096 at docs/launching.md's estimated step time):")
+    for slice_name, step, hosts, vcpus in SLICES:
+      need = 4096 / step / hosts
+      have = ", ".join(f"{name} {rate * vcpus:,.0f}" for name, rate in per_thread.items())
+      print(f"  {slice_name}: needs {need:,.0f} images/s per host; {vcpus} vCPUs x 1-thread rate: {have}")
 
   with open(CAPTIONS) as f:
     sample = [line.strip() for line in f if line.strip()]

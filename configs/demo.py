@@ -33,7 +33,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
       stages=1, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
       world="", model="groupvit", groups1=16, groups2=8, recon=5.0, mask=0.0, recon_dim=64, recon_depth=1, norm_pix=0,
-      superpixels=0.0, seed=0, assign_scale=0.0, proj_layers=1, pooling="mean", depth1=4, final_depth=1)
+      superpixels=0.0, seed=0, assign_scale=0.0, proj_layers=1, pooling="mean", depth1=4, final_depth=1,
+      group_residual=1)
   config = config_lib.training_defaults()
   model = config_lib.groupvit_s_model()
   if arg.stages == 2:
@@ -48,6 +49,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/demo.py: stages must be 0, 1 or 2, got {arg.stages}")
   model.image.update(image_size=arg.size, patch_size=arg.patch, dim=arg.dim, drop_path_rate=0.0,
                      hard_assignment=bool(arg.hard), assign_scale=arg.assign_scale or None, pooling=arg.pooling,
+                     group_token_residual=bool(arg.group_residual),
                      **grouping)
   model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
   model.update(projection_dim=64, projection_hidden_dim=256, projection_layers=arg.proj_layers)

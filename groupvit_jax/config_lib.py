@@ -42,6 +42,7 @@ def groupvit_s_model() -> ml_collections.ConfigDict:
           gumbel_tau=1.0,
           assign_eps=1.0,
           assign_scale=None,  # the assignment logits' scale; None: dim**-0.5, as the reference
+          group_token_residual=True,  # a group = what it gathered + its group token, as the reference
           pooling="mean",  # final group tokens -> image feature: "mean" (the reference) or "max" (SegCLIP)
       ),
       text=dict(

@@ -76,7 +76,8 @@ def sweep_names():
 
 def test_sweep_writes_resolved_configs_and_runs_locally(tmp_path, shapes_data_dir):
   sweep = _write_sweep(tmp_path / "two.py", {
-      "base": f"configs/tiny.py:data_dir={shapes_data_dir}", "fixed": {"total_steps": 1, "checkpoint_every": 1},
+      "base": f"configs/demo.py:world=codedtiny32,dim=16,recon=0,data_dir={shapes_data_dir}",
+      "fixed": {"total_steps": 1, "warmup_steps": 0, "checkpoint_every": 1},
       "product": {"optim.lr": [1e-3, 2e-3]}})
   rc, out, err = _script("sweep", f"--sweep={sweep}", f"--workdir_root={tmp_path / 'runs'}", "--mode=local")
   assert rc == 0, err[-3000:]

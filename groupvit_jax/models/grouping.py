@@ -118,6 +118,9 @@ class GroupingBlock(nn.Module):
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
   assign_scale: Optional[float] = None  # AssignAttention's logit scale
+  # The reference adds the (projected) group tokens to what each group gathered; False: a group is only
+  # what it gathered from its tokens (the group tokens, which saw the whole image, choose but add nothing).
+  group_token_residual: bool = True
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation (the assignment's own attention aside)
 
@@ -137,7 +140,8 @@ class GroupingBlock(nn.Module):
     new_x, maps, key = AssignAttention(self.hard, self.gumbel, self.gumbel_tau, self.assign_eps,
                                        self.assign_scale, dtype=self.dtype, name="assign")(projected, x, train, gumbel_key,
                                                                         batch_part)
-    new_x = new_x + projected
+    if self.group_token_residual:
+      new_x = new_x + projected
     # The reference's `reduction` is the identity when stage widths match (always, for GroupViT).
     new_x = new_x + Mlp(channels_hidden, dim, dtype=self.dtype, name="mlp_channels")(
         layer_norm("norm_new_x", self.dtype)(new_x))
@@ -162,6 +166,7 @@ class GroupingStage(nn.Module):
   gumbel_tau: float = 1.0
   assign_eps: float = 1.0
   assign_scale: Optional[float] = None
+  group_token_residual: bool = True  # GroupingBlock's
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation
@@ -199,7 +204,8 @@ class GroupingStage(nn.Module):
     x, group_tokens = x[:, :n], x[:, n:]
     x, maps, key = GroupingBlock(self.num_heads, self.num_output_groups, hard=self.hard,
                                  gumbel=self.gumbel, gumbel_tau=self.gumbel_tau,
-                                 assign_eps=self.assign_eps, assign_scale=self.assign_scale, dtype=self.dtype,
+                                 assign_eps=self.assign_eps, assign_scale=self.assign_scale,
+                                 group_token_residual=self.group_token_residual, dtype=self.dtype,
                                  attention=self.attention,
                                  name="downsample")(x, group_tokens, train, gumbel_key, batch_part)
     return x, group_tokens, maps, key
@@ -231,6 +237,8 @@ class GroupViTImageEncoder(nn.Module):
   assign_scale: Optional[float] = None  # None: the reference's dim**-0.5
   # How the final group tokens pool into the image's feature: "mean" (the reference's) or "max" (SegCLIP's).
   pooling: str = "mean"
+  # Whether a group's token adds the group token that gathered it (the reference's); see GroupingBlock.
+  group_token_residual: bool = True
   remat: bool = False
   dtype: Dtype = jnp.float32
   attention: str = "xla"  # layers.attention's implementation
@@ -270,6 +278,7 @@ class GroupViTImageEncoder(nn.Module):
           gumbel_tau=self.gumbel_tau,
           assign_eps=self.assign_eps,
           assign_scale=self.assign_scale,
+          group_token_residual=self.group_token_residual,
           remat=self.remat,
           dtype=self.dtype,
           attention=self.attention,

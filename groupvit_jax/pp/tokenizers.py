@@ -4,9 +4,15 @@ Both produce the reference's layout: `[SOT] + tokens + [EOT]`, zero-padded to `l
 is cut to `length` with EOT last. SOT and EOT are the two largest ids, because the text tower reads
 its feature at the largest id.
 
-- `ClipBpeTokenizer`: CLIP's byte-level BPE (vocab 49408; SOT 49406, EOT 49407), the same ids as the
-  reference, for use with imported official weights. Its merges file ships in this package.
-  Tokenising inside tf.data runs Python (`tf.numpy_function`, one call per batch, with a word cache).
+- `ClipBpeTokenizer`: CLIP's byte-level BPE (vocab 49408; SOT 49406, EOT 49407), for use with imported
+  official weights and CLIP-initialised models. Its merges file ships in this package. It runs inside
+  the TF graph, no Python per batch, giving transformers' `CLIPTokenizer` ids: NFC, whitespace runs to
+  one space, lowercase (tensorflow_text and tf.strings), CLIP's pre-tokenising regex (RE2), each word's
+  UTF-8 bytes as CLIP's byte characters, and CLIP's merges run by SentencePiece's BPE (a model built
+  from the merges file: a merge's rank is its piece's score, "</w>" a private-use character, so the
+  merges apply in CLIP's order). `encode` is the original SimpleTokenizer in Python (ftfy and HTML
+  unescaping first, which transformers' CLIPTokenizer does not do); it and the graph differ only on text
+  those repairs change.
 - `SentencePieceTokenizer`: runs inside the TF graph (tensorflow_text); SOT = V and EOT = V + 1 for an
   SP model of V pieces, so the model's vocab_size is V + 2. Train a model with
   `python -m groupvit_jax.pp.tokenizers --captions=captions.txt --vocab_size=8000 --output=sp.model`.
@@ -47,8 +53,73 @@ def clean_text(text: str) -> str:
   return regex.sub(r"\s+", " ", text).strip().lower()
 
 
+# "</w>" (CLIP's end-of-word mark) in the SentencePiece form of CLIP's merges: a private-use character.
+_END_OF_WORD = "\ue000"
+# Stands for U+0000 between the input and the byte mapping (a private-use character of plane 16).
+_NUL_STAND_IN = "\U0010fffd"
+# The characters Unicode calls White_Space (what transformers' `\s` matches; RE2's `\s` is ASCII only).
+_WHITESPACE = r"[\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}]"
+_CLIP_SPECIAL = r"<\|startoftext\|>|<\|endoftext\|>"
+_CLIP_WORDS = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+               r"[^\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}"
+               r"\p{L}\p{N}]+")
+
+
+@functools.lru_cache(maxsize=None)
+def _inert_charsmap() -> bytes:
+  """A compiled SentencePiece normalisation map with one rule, U+E001 -> U+E002 (a private-use character
+  no byte character or mark of ours is)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    rules = os.path.join(tmp, "rules.tsv")
+    with open(rules, "w", encoding="utf-8") as f:
+      f.write("E001\tE002\n")
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["ab ac", "ad"]), model_writer=out, vocab_size=8,
+                                   model_type="char", normalization_rule_tsv=rules, minloglevel=2)
+  model = sp_pb2.ModelProto()
+  model.ParseFromString(out.getvalue())
+  return model.normalizer_spec.precompiled_charsmap
+
+
+def clip_bpe_sentencepiece(vocab: Sequence[str]) -> bytes:
+  """CLIP's BPE as a serialized SentencePiece BPE model whose piece i is CLIP's token i.
+
+  SentencePiece's BPE merges, among adjacent symbols, the pair whose joined piece scores highest. The
+  pieces are CLIP's tokens (`</w>` as `_END_OF_WORD`) scored by merge rank (the earliest merge scores
+  highest), a word's last character joins its end-of-word mark before any merge (CLIP starts with them
+  joined); the special tokens' pieces can never form. No normalisation, no dummy prefix; `<unk>` is
+  piece 49408 (never produced: every byte has a character).
+  """
+  from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # pylint: disable=g-import-not-at-top
+  model = sp_pb2.ModelProto()
+  spec = model.trainer_spec
+  spec.model_type = sp_pb2.TrainerSpec.BPE
+  spec.vocab_size = len(vocab) + 1
+  spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = len(vocab), -1, -1, -1
+  norm = model.normalizer_spec
+  # A character map that changes nothing our inputs contain (an empty one makes every load log a line).
+  norm.name, norm.precompiled_charsmap = "user_defined", _inert_charsmap()
+  norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = False, False, False
+  piece_type = sp_pb2.ModelProto.SentencePiece
+  for i, token in enumerate(vocab):
+    piece = model.pieces.add()
+    if token.startswith("<|"):  # SOT / EOT: placed by the tokenizer itself, never by BPE
+      piece.piece, piece.type, piece.score = _END_OF_WORD * 2 + token, piece_type.NORMAL, -1e9
+      continue
+    piece.piece, piece.type = token.replace("</w>", _END_OF_WORD), piece_type.NORMAL
+    piece.score = 0.0 if i < 256 else 1.0 if i < 512 else -float(i - 511)  # bytes; bytes + </w>; merges
+  unk = model.pieces.add()
+  unk.piece, unk.type = "<unk>", piece_type.UNKNOWN
+  return model.SerializeToString()
+
+
 class ClipBpeTokenizer:
-  """CLIP's BPE tokenizer (identical ids to the reference's SimpleTokenizer)."""
+  """CLIP's BPE tokenizer: in-graph (`tokenize_tf`, `__call__`) with transformers' CLIPTokenizer ids;
+  `encode`: the original SimpleTokenizer in Python."""
 
   _PATTERN = regex.compile(
       r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
@@ -68,6 +139,53 @@ class ClipBpeTokenizer:
     self.eot = self.encoder["<|endoftext|>"]
     self.vocab_size = len(vocab)
     self._bpe = functools.lru_cache(maxsize=1 << 18)(self._bpe_uncached)
+    self._vocab = vocab
+    self._graph = None  # the TF tables and the SentencePiece op, made on first use
+
+  def _graph_parts(self):
+    if self._graph is None:
+      import tensorflow_text as tf_text  # pylint: disable=g-import-not-at-top
+      with tf.init_scope():  # made eagerly even when first asked for inside a tf.data function
+        self._graph = self._make_graph_parts(tf_text)
+    return self._graph
+
+  def _make_graph_parts(self, tf_text):
+    byte_chars = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant([bytes([b]) for b in range(256)]),
+                                            tf.constant([self.byte_encoder[b] for b in range(256)])), "")
+    sp = tf_text.SentencepieceTokenizer(model=clip_bpe_sentencepiece(self._vocab), out_type=tf.int32)
+    return byte_chars, sp, tf_text
+
+  def encode_tf(self, texts: tf.Tensor) -> tf.RaggedTensor:
+    """1-D string tensor -> ragged `[n, (ids)]` BPE ids (no SOT/EOT added), inside the TF graph.
+
+    As transformers' CLIPTokenizer: `<|startoftext|>` / `<|endoftext|>` written in the raw text are cut
+    out first and become their ids; each other segment is normalised (NFC, lowercase, whitespace runs to
+    one space), split into words by CLIP's regex, and each word's bytes are BPE-encoded.
+    """
+    byte_chars, sp, tf_text = self._graph_parts()
+    # ICU's lowercasing and the word split stop at a NUL: it travels as _NUL_STAND_IN (also punctuation).
+    x = tf.strings.regex_replace(texts, "\x00", _NUL_STAND_IN)
+    segments = tf_text.regex_split(x, _CLIP_SPECIAL, _CLIP_SPECIAL)  # [n, (segments)]
+    seg = segments.flat_values
+    is_sot, is_eot = tf.equal(seg, "<|startoftext|>"), tf.equal(seg, "<|endoftext|>")
+    special = tf.logical_or(is_sot, is_eot)
+    x = tf_text.normalize_utf8(seg, "NFC")
+    # tf.strings.lower lowercases a final capital sigma to the final form; transformers (per character) does not.
+    x = tf.strings.lower(tf.strings.regex_replace(x, "\u03a3", "\u03c3"), encoding="utf-8")
+    x = tf.strings.regex_replace(x, _WHITESPACE + "+", " ")
+    words = tf_text.regex_split(x, _CLIP_WORDS, _CLIP_WORDS)  # [segments, (words)]
+    keep = tf.logical_and(tf.not_equal(words.flat_values, " "),  # what lies between words: a space at most
+                          tf.logical_not(tf.gather(special, words.value_rowids())))
+    words = tf.ragged.boolean_mask(words, words.with_flat_values(keep))
+    flat = tf.strings.regex_replace(words.flat_values, _NUL_STAND_IN, "\x00")
+    chars = tf.strings.bytes_split(flat)
+    mapped = tf.strings.reduce_join(chars.with_flat_values(byte_chars.lookup(chars.flat_values)), axis=1)
+    word_ids = words.with_flat_values(sp.tokenize(mapped + _END_OF_WORD)).merge_dims(1, 2)  # [segments, (ids)]
+    special_ids = tf.RaggedTensor.from_row_lengths(tf.boolean_mask(tf.where(is_sot, self.sot, self.eot), special),
+                                                   tf.cast(special, tf.int64))
+    ids = tf.concat([special_ids, tf.cast(word_ids, tf.int32)], axis=1)
+    return segments.with_flat_values(ids).merge_dims(1, 2)
 
   def _bpe_uncached(self, token: str) -> tuple[str, ...]:
     word = tuple(token[:-1]) + (token[-1] + "</w>",)
@@ -97,18 +215,12 @@ class ClipBpeTokenizer:
 
   def __call__(self, texts: Sequence[str], length: int = 77) -> np.ndarray:
     """Texts -> `[len(texts), length]` int32 ids with SOT/EOT, zero-padded, cut with EOT last."""
-    out = np.zeros((len(texts), length), np.int32)
-    for i, text in enumerate(texts):
-      ids = [self.sot] + self.encode(text)[:length - 2] + [self.eot]
-      out[i, :len(ids)] = ids
-    return out
+    return self.tokenize_tf(tf.constant(list(texts), tf.string), length).numpy()
 
   def tokenize_tf(self, texts: tf.Tensor, length: int) -> tf.Tensor:
-    """In a tf.data graph: string tensor of any shape -> int32 `[..., length]` (runs Python)."""
-    def run(flat):
-      return self([t.decode("utf-8", "replace") for t in flat], length)
+    """String tensor of any shape -> int32 `[..., length]`, entirely in the TF graph."""
     shape = tf.shape(texts)
-    ids = tf.numpy_function(run, [tf.reshape(texts, [-1])], tf.int32, stateful=False)
+    ids = _pad_ragged(self.encode_tf(tf.reshape(texts, [-1])), self.sot, self.eot, length)
     return tf.reshape(ids, tf.concat([shape, [length]], 0))
 
 
