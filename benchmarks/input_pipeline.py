@@ -98,12 +98,27 @@ def main(argv):
       rows.append((f"224px JPEG shards + prompts, {name}, {n} thread{'s' * (n > 1)}", ips))
       if n == 1:
         per_thread[name] = ips
+  # Where the 224-px path's time goes, stage by stage (all cores): each row adds one stage.
+  class NoTokenizer:
+    def tokenize_tf(self, texts, length):
+      return tf.zeros(tf.concat([tf.shape(texts), [length]], 0), tf.int32)
+  stages = []
+  for name, pp, tok in (("read + JPEG decode and crop (224) + flip + normalize", "random_resized_crop(224)|flip|normalize",
+                         NoTokenizer()),
+                        ("  + nouns + 3 prompts (text, not tokenized)", jpeg_cfg.pp, NoTokenizer()),
+                        ("  + sentencepiece", jpeg_cfg.pp, sp), ("  + CLIP BPE instead", jpeg_cfg.pp, clip)):
+    cfg = ml_collections.ConfigDict(jpeg_cfg.to_dict())
+    cfg.pp = pp
+    stages.append((name, _time(cfg, tok, FLAGS.batches, FLAGS.batch_size, threads=cores)))
   jpeg_cfg.pp = "random_resized_crop(224)|flip|superpixels(16)|normalize|nouns|prompts(3)"
   rows.append(("  + superpixels (patch 16), sentencepiece, all cores", _time(jpeg_cfg, sp, FLAGS.batches,
                                                                                FLAGS.batch_size, threads=cores)))
   print(f"\n{'pipeline':<58}{'images/s':>10}")
   for name, ips in rows:
     print(f"{name:<58}{ips:>10.0f}")
+  print(f"\n{'224-px path, stage by stage (' + str(cores) + ' threads)':<58}{'images/s':>10}{'ms/image':>10}")
+  for name, ips in stages:
+    print(f"{name:<58}{ips:>10.0f}{1000 * cores / ips:>10.2f}")
   if per_thread:
     print("\nscaling model (the 1-thread rate times a TPU host's vCPUs, if tf.data scaled linearly) against "
           "GroupViT-S's need per host (batch 4096 at docs/launching.md's estimated step time):")
