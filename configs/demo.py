@@ -8,11 +8,12 @@ hard gumbel assignment, a linear projector, the contrastive and multi-label loss
 reconstruction of every patch from its group (weight 5, a 1-block decoder). docs/demo.md compares it with
 the variants these arguments (`configs/demo.py:key=value,...`) select:
   model=segclip       SegCLIP from scratch: CLIP-style tower (5 blocks of width 64), 8 learnable centers after
-                      block 4, max over the regions; the other knobs as below (recon: SegCLIP's decoder)
+                      block 4, max over the regions, SegCLIP's masked reconstruction; the other knobs as below
   stages=2            two grouping stages (groups1 -> groups2: 16 -> 8), the paper's layout
   stages=0            a plain ViT (no grouping): pixels take the class of their patch's embedding
   recon=0             no reconstruction loss; mask=0.75 reconstructs from a second pass over a quarter
-                      of the patches; recon_dim, recon_depth, norm_pix: the decoder and its targets
+                      of the patches (SegCLIP's default; GroupViT's is mask=0, every patch from the main
+                      pass); recon_dim, recon_depth, norm_pix: the decoder and its targets
   superpixels=1       the superpixel consistency loss (Felzenszwalb superpixels in tf.data)
   proj_layers=2       the paper's BatchNorm MLP projector; pooling=max: SegCLIP's max over the groups
   multi_label=0, hard=0, assign_scale, groups1, groups2, depth1, final_depth: the model's other knobs
@@ -32,7 +33,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(
       arg, data_dir=os.environ.get("GROUPVIT_JAX_DATA", "/tmp/groupvit_jax_tfds"), multi_label=1, hard=1,
       stages=1, steps=1200, batch=64, lr=2e-3, size=32, patch=4, dim=64, warmup=100, crop=1.0, templates="simple",
-      world="", model="groupvit", groups1=16, groups2=8, recon=5.0, mask=0.0, recon_dim=64, recon_depth=1, norm_pix=0,
+      world="", model="groupvit", groups1=16, groups2=8, recon=5.0, mask=-1.0, recon_dim=64, recon_depth=1, norm_pix=0,
       superpixels=0.0, seed=0, assign_scale=0.0, proj_layers=1, pooling="mean", depth1=4, final_depth=1,
       group_residual=1)
   config = config_lib.training_defaults()
@@ -54,7 +55,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.text.update(context_length=16, vocab_size=49408, width=arg.dim, layers=2, heads=4)
   model.update(projection_dim=64, projection_hidden_dim=256, projection_layers=arg.proj_layers)
   if arg.recon:
-    model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4, mask_ratio=arg.mask)
+    model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4, mask_ratio=max(arg.mask, 0.0))
   if arg.model == "segclip":
     model = config_lib.segclip_model()
     model.image.update(image_size=arg.size, patch_size=arg.patch, width=arg.dim, layers=arg.depth1 + arg.final_depth,
@@ -63,7 +64,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     model.group.update(num_groups=arg.groups2, insert_after=arg.depth1)
     model.projection_dim = 64
     if arg.recon:
-      model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4, mask_ratio=arg.mask)
+      model.reconstruction.update(dim=arg.recon_dim, depth=arg.recon_depth, num_heads=4,
+                                  mask_ratio=0.75 if arg.mask < 0 else arg.mask)
   elif arg.model != "groupvit":
     raise ValueError(f"configs/demo.py: model must be groupvit or segclip, got {arg.model!r}")
   config.model = model

@@ -158,8 +158,10 @@ def _env(devices=1):
 
 def test_two_processes_on_localhost_train(shapes_data_dir, tmp_path, capfd):
   # Through the local multi-process launcher (launch/local.py), 2 CPU devices per process.
-  args = ["groupvit_jax.train", f"--config=configs/tiny.py:data_dir={shapes_data_dir}",
-          f"--workdir={tmp_path / 'run'}", "--config.log_every=1", "--config.total_steps=3"]
+  # A one-stage model (the demo's, narrow): what is under test is the processes' data and device layout.
+  args = ["groupvit_jax.train", f"--config=configs/demo.py:world=codedtiny32,dim=16,recon=0,data_dir={shapes_data_dir}",
+          f"--workdir={tmp_path / 'run'}", "--config.log_every=1", "--config.total_steps=3",
+          "--config.warmup_steps=0", "--config.evals={}"]
   rc = local.launch_local(args, num_processes=2, devices_per_process=2, timeout=1200)
   out = capfd.readouterr().out
   assert rc == 0, out[-3000:]
