@@ -260,16 +260,22 @@ _CLIP_PAIRS = [
 _CLIP_PARAM = {"scale": "weight", "kernel": "weight", "bias": "bias"}
 
 
-def _clip_hf_name(path: str) -> str | None:
-  for ours, hf in _CLIP_PAIRS:
+def _paired_name(pairs: list[tuple[str, str]], path: str) -> str | None:
+  """The other name of our `path` by the first (ours, theirs) pair whose pattern matches it: `{i}` an
+  index, `{p}` our parameter name (scale / kernel / bias -> weight / weight / bias)."""
+  for ours, theirs in pairs:
     pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
     m = re.fullmatch(pattern, path)
     if m:
       groups = m.groupdict()
       if "p" in groups:
         groups["p"] = _CLIP_PARAM[groups["p"]]
-      return hf.format(**groups)
+      return theirs.format(**groups)
   return None
+
+
+def _clip_hf_name(path: str) -> str | None:
+  return _paired_name(_CLIP_PAIRS, path)
 
 
 def _clip_fused(path: str) -> str | None:
@@ -462,16 +468,10 @@ _SEGCLIP_SKIPPED = re.compile(r"^(vis_mae_decoder\.decoder_pos_embed|seq_mae_dec
 
 
 def _segclip_name(path: str) -> str | None:
-  for ours, theirs in _SEGCLIP_PAIRS:
-    pattern = re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
-    m = re.fullmatch(pattern, path)
-    if m:
-      groups = m.groupdict()
-      if "p" in groups:
-        groups["p"] = _CLIP_PARAM[groups["p"]]
-      name = theirs.format(**groups)
-      return name if name.startswith("vis_mae_decoder.") else "clip.visual.transformer." + name
-  return None
+  name = _paired_name(_SEGCLIP_PAIRS, path)
+  if name is None or name.startswith("vis_mae_decoder."):
+    return name
+  return "clip.visual.transformer." + name
 
 
 def segclip_release_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any],

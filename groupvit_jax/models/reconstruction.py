@@ -54,6 +54,14 @@ def random_keep(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float)
   return jnp.sort(order[:, :kept], axis=-1)
 
 
+def _fill_dropped(kept: jax.Array, keep: jax.Array, mask_token: jax.Array, num_patches: int) -> jax.Array:
+  """`[batch, kept, dim]` at positions `keep` `[batch, kept]` of a `[batch, num_patches, dim]` sequence whose
+  other positions hold `mask_token` `[dim]`."""
+  b = kept.shape[0]
+  full = jnp.broadcast_to(mask_token, (b, num_patches, kept.shape[-1]))
+  return full.at[jnp.arange(b)[:, None], keep].set(kept)
+
+
 class GroupReconstructor(nn.Module):
   """Predicts every patch's pixels from the group token each patch was assigned to.
 
@@ -84,8 +92,7 @@ class GroupReconstructor(nn.Module):
     if self.masked:
       mask_token = param_with_axes(self, "mask_token", normal(0.02), (self.dim,), ("embed",))
     if keep is not None:
-      full = jnp.broadcast_to(mask_token.astype(self.dtype), (x.shape[0], self.num_patches, self.dim))
-      x = full.at[jnp.arange(x.shape[0])[:, None], keep].set(x)
+      x = _fill_dropped(x, keep, mask_token.astype(self.dtype), self.num_patches)
     pos = param_with_axes(self, "pos_embed", normal(0.02), (1, self.num_patches, self.dim),
                           (None, "patches", "embed"))
     x = x + pos.astype(self.dtype)
@@ -142,8 +149,8 @@ class MaskedPatchDecoder(nn.Module):
     if self.masked:
       mask_token = param_with_axes(self, "mask_token", normal(0.02), (self.dim,), ("embed",))
     if keep is not None:
-      full = jnp.broadcast_to(mask_token.astype(self.dtype), (b, self.num_patches, self.dim))
-      x = jnp.concatenate([x[:, :1], full.at[jnp.arange(b)[:, None], keep].set(x[:, 1:])], axis=1)
+      x = jnp.concatenate([x[:, :1], _fill_dropped(x[:, 1:], keep, mask_token.astype(self.dtype), self.num_patches)],
+                          axis=1)
     grid = int(round(self.num_patches**0.5))
     pos = np.concatenate([np.zeros((1, self.dim), np.float32), sincos_positions(self.dim, grid)])
     x = x + jnp.asarray(pos, self.dtype)

@@ -181,6 +181,18 @@ def test_a_tiny_segclip_trains_with_both_losses_and_resumes_exactly(shapes_data_
       np.testing.assert_allclose(resumed[step][key], value, rtol=1e-6, atol=1e-7, err_msg=f"step {step} {key}")
 
 
+def _demo_sized_clip(torch, transformers):
+  """A transformers CLIPModel's state dict (random weights, seed 0) at the demo's SegCLIP sizes."""
+  hf_config = transformers.CLIPConfig(
+      vision_config=dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+                         intermediate_size=128),
+      text_config=dict(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=16, eos_token_id=49407),
+      projection_dim=64)
+  torch.manual_seed(0)
+  return {k: v.numpy() for k, v in transformers.CLIPModel(hf_config).state_dict().items()}
+
+
 def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
   """A transformers CLIPModel (random weights, the demo's SegCLIP sizes) through the conversion CLI into a
   SegCLIP checkpoint (what `init_from` starts from): CLIP's parameters are CLIP's, the group module is
@@ -193,14 +205,7 @@ def test_clip_weights_make_a_segclip_checkpoint(shapes_data_dir, tmp_path):
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   from groupvit_jax.models import convert, variables_template  # pylint: disable=g-import-not-at-top
-  hf_config = transformers.CLIPConfig(
-      vision_config=dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
-                         intermediate_size=128),
-      text_config=dict(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=16, eos_token_id=49407),
-      projection_dim=64)
-  torch.manual_seed(0)
-  sd = {k: v.numpy() for k, v in transformers.CLIPModel(hf_config).state_dict().items()}
+  sd = _demo_sized_clip(torch, transformers)
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "clip.safetensors"))
   spec = f"configs/demo.py:model=segclip,dim=32,world=codedtiny32,steps=4,batch=8,data_dir={shapes_data_dir}"
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -353,14 +358,7 @@ def test_segclips_released_weights_import(tmp_path):
   transformers = pytest.importorskip("transformers")
   from groupvit_jax import checkpoint, config_lib  # pylint: disable=g-import-not-at-top
   from groupvit_jax.models import convert, variables_template  # pylint: disable=g-import-not-at-top
-  hf_config = transformers.CLIPConfig(
-      vision_config=dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
-                         intermediate_size=128),
-      text_config=dict(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=16, eos_token_id=49407),
-      projection_dim=64)
-  torch.manual_seed(0)
-  hf_sd = {k: v.numpy() for k, v in transformers.CLIPModel(hf_config).state_dict().items()}
+  hf_sd = _demo_sized_clip(torch, transformers)
   sd = _release_state_dict(hf_sd, 32, 4, 8, 4, (64, 48, 64), np.random.default_rng(0))
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, str(tmp_path / "segclip.bin"))
   config = config_lib.load_config("configs/demo.py:model=segclip,dim=32,mask=0.75,data_dir=/nonexistent")
