@@ -58,11 +58,11 @@ _END_OF_WORD = "\ue000"
 # Stands for U+0000 between the input and the byte mapping (a private-use character of plane 16).
 _NUL_STAND_IN = "\U0010fffd"
 # The characters Unicode calls White_Space (what transformers' `\s` matches; RE2's `\s` is ASCII only).
-_WHITESPACE = r"[\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}]"
+_SPACES = r"\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}"
+_WHITESPACE = f"[{_SPACES}]"
 _CLIP_SPECIAL = r"<\|startoftext\|>|<\|endoftext\|>"
-_CLIP_WORDS = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
-               r"[^\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}"
-               r"\p{L}\p{N}]+")
+# CLIP's word regex with `\s` spelled out.
+_CLIP_WORDS = _CLIP_SPECIAL + r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^" + _SPACES + r"\p{L}\p{N}]+"
 
 
 @functools.lru_cache(maxsize=None)
