@@ -10,7 +10,7 @@ import numpy as np
 from groupvit_jax.models.grouping import GroupViTImageEncoder
 from groupvit_jax.models.layers import (BatchNorm, Dtype, dense, param_with_axes, torch_default_bias,
                                         torch_default_kernel, use_kernels)
-from groupvit_jax.models.reconstruction import GroupReconstructor, chain_assignments, random_keep
+from groupvit_jax.models.reconstruction import GroupReconstructor, chain_assignments, random_keep, scored_patches
 from groupvit_jax.models.text_transformer import TextTransformer
 
 
@@ -144,11 +144,8 @@ class GroupViT(nn.Module):
     if train and self.reconstruction["mask_ratio"] > 0:
       keep = random_keep(self.make_rng("mask"), b, num_patches, self.reconstruction["mask_ratio"])
       image = self.img_encoder(images, train=train, keep=keep)
-      weights = 1.0 - jnp.zeros((b, num_patches), jnp.float32).at[jnp.arange(b)[:, None], keep].set(1.0)
-    else:
-      weights = jnp.ones((b, num_patches), jnp.float32)
     patch_to_group = chain_assignments([m["hard"] for m in image["assignments"]])[-1]
-    return self.reconstructor(image["tokens"], patch_to_group, keep), weights
+    return self.reconstructor(image["tokens"], patch_to_group, keep), scored_patches(keep, b, num_patches)
 
   def logit_scales(self) -> tuple[jax.Array, jax.Array]:
     """exp of the two learnable logit scales, clamped at 100 as in the reference."""

@@ -54,6 +54,14 @@ def random_keep(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float)
   return jnp.sort(order[:, :kept], axis=-1)
 
 
+def scored_patches(keep: Optional[jax.Array], batch: int, num_patches: int) -> jax.Array:
+  """`[batch, num_patches]`: 1 for the patches the reconstruction is scored on — the dropped ones, or every
+  patch when `keep` is None (nothing dropped)."""
+  if keep is None:
+    return jnp.ones((batch, num_patches), jnp.float32)
+  return 1.0 - jnp.zeros((batch, num_patches), jnp.float32).at[jnp.arange(batch)[:, None], keep].set(1.0)
+
+
 def _fill_dropped(kept: jax.Array, keep: jax.Array, mask_token: jax.Array, num_patches: int) -> jax.Array:
   """`[batch, kept, dim]` at positions `keep` `[batch, kept]` of a `[batch, num_patches, dim]` sequence whose
   other positions hold `mask_token` `[dim]`."""

@@ -24,7 +24,7 @@ from groupvit_jax.models.clip import CLIPVisionTower
 from groupvit_jax.models.grouping import assignment_probs
 from groupvit_jax.models.layers import (Dtype, Mlp, attention, dense, exact_gelu, layer_norm, normal,
                                         param_with_axes, quick_gelu, use_kernels, zeros)
-from groupvit_jax.models.reconstruction import MaskedPatchDecoder, random_keep
+from groupvit_jax.models.reconstruction import MaskedPatchDecoder, random_keep, scored_patches
 from groupvit_jax.models.text_transformer import ResidualAttentionBlock, TextTransformer
 
 
@@ -179,14 +179,11 @@ class SegCLIP(nn.Module):
     if train and self.reconstruction["mask_ratio"] > 0:
       keep = random_keep(self.make_rng("mask"), b, n, self.reconstruction["mask_ratio"])
       regions, maps = self.semantic(self._patches(images, keep), train)
-      weights = 1.0 - jnp.zeros((b, n), jnp.float32).at[jnp.arange(b)[:, None], keep].set(1.0)
-    else:
-      weights = jnp.ones((b, n), jnp.float32)
     mix = self.reconstruct_layer(jnp.swapaxes(maps["hard"], 1, 2).astype(self.dtype))  # [batch, kept, groups]
     x = quick_gelu(jnp.einsum("bpg,bgc->bpc", mix, regions))
     for block in self.mae_blocks:
       x = block(x, None)
-    return self.mae_decoder(x, keep), weights
+    return self.mae_decoder(x, keep), scored_patches(keep, b, n)
 
   def encode_text(self, text: jax.Array, train: bool = False) -> jax.Array:
     del train
