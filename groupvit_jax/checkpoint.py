@@ -1,5 +1,6 @@
 """Orbax checkpoints: model variables (imported weights), the trainer's state, and reading either back."""
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -144,6 +145,29 @@ def load_model_variables(path: str, model_config: Any) -> dict[str, Any]:
   except Exception as e:  # Orbax raises many types; the path is what the user needs.
     raise ValueError(f"not a readable checkpoint: {state_dir} ({type(e).__name__}: {_first_line(e)})") from None
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
+def load_text_tower(workdir: str, template: Mapping[str, Any]) -> dict[str, Any]:
+  """The text tower (`text_encoder`, `text_projector`) of a GroupViT training workdir's latest checkpoint,
+  checked against `template` (the receiving model's params, e.g. LSeg's); the workdir's config.json says
+  which GroupViT it is."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir}: no config.json; expected a GroupViT training workdir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  params = load_model_variables(workdir, config.model)["params"]
+  out = {}
+  for name in ("text_encoder", "text_projector"):
+    if name not in params or name not in template:
+      raise ValueError(f"{workdir}: its model has no {name} to give (or the receiving model takes none)")
+    got = jax.tree.map(lambda x: tuple(x.shape), params[name])
+    want = jax.tree.map(lambda x: tuple(x.shape), dict(template[name]))
+    if got != want:
+      raise ValueError(f"{workdir}: its {name} does not fit the model's (shapes {got} against {want})")
+    out[name] = params[name]
+  return out
 
 
 def check_fits(directory: str, template: Mapping[str, Any]) -> None:

@@ -24,6 +24,27 @@ def segclip_model(size: str = "B/16") -> ml_collections.ConfigDict:
   ))
 
 
+def lseg_model() -> ml_collections.ConfigDict:
+  """LSeg as the reference's `clip_vitl16_384`: ViT-L/16 at 384 px hooked after blocks 5, 11, 17, 23, readout
+  "project", reassembled levels 256/512/1024/1024 wide (x4, x2, x1, x0.5), a decoder 256 wide with
+  BatchNorm, label embeddings 512 wide from CLIP ViT-B/32's text tower, logit scale 1/0.07."""
+  return ml_collections.ConfigDict(dict(
+      name="lseg",
+      image=dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, hooks=(5, 11, 17, 23),
+                 mlp_ratio=4.0),
+      # The text tower: "clip" (TextTransformer + bias-free text_projection) or "groupvit" (+ ProjectMLP).
+      text=dict(context_length=77, vocab_size=49408, width=512, layers=12, heads=8, layout="clip"),
+      decoder=dict(features=256, level_widths=(256, 512, 1024, 1024), reassemble=(4, 2, 1, 0.5),
+                   readout="project", use_bn=True, arch_option=0, block_depth=0, activation="lrelu"),
+      projection_dim=512,
+      projection_layers=1,
+      projection_hidden_dim=4096,
+      logit_scale=1 / 0.07,
+      dtype="float32",
+      kernels="xla",
+  ))
+
+
 def groupvit_s_model() -> ml_collections.ConfigDict:
   """GroupViT-S exactly as the paper and the official release define it."""
   return ml_collections.ConfigDict(dict(
@@ -187,6 +208,8 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], num_
     raise ValueError(f"model.image.image_size {img.image_size} is not divisible by patch_size {img.patch_size}")
   if m.get("name", "groupvit") == "segclip":
     _validate_segclip(config)
+  elif m.get("name") == "lseg":
+    _validate_lseg(config)
   else:
     _validate_groupvit(config)
   if m.text.width % m.text.heads:
@@ -246,3 +269,21 @@ def _validate_segclip(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.reconstruction.dim {config.model.reconstruction.dim}: SegCLIP's decoder's sine-cosine "
                      "positions need a multiple of 4")
 
+
+
+def _validate_lseg(config: ml_collections.ConfigDict) -> None:
+  img, d = config.model.image, config.model.decoder
+  if img.width % img.heads:
+    raise ValueError(f"model.image.width {img.width} is not divisible by heads {img.heads}")
+  if len(img.hooks) != 4 or not all(0 <= h < img.layers for h in img.hooks) or list(img.hooks) != sorted(img.hooks):
+    raise ValueError(f"model.image.hooks {tuple(img.hooks)}: expected 4 increasing block indices in 0..{img.layers - 1}")
+  if len(d.level_widths) != 4 or len(d.reassemble) != 4 or not all(f in (0.5, 1, 2, 4, 8) for f in d.reassemble):
+    raise ValueError(f"model.decoder: level_widths and reassemble need 4 entries each, reassemble factors in "
+                     f"(0.5, 1, 2, 4, 8); got {tuple(d.level_widths)}, {tuple(d.reassemble)}")
+  if d.readout not in ("ignore", "add", "project"):
+    raise ValueError(f"model.decoder.readout must be ignore, add or project, got {d.readout!r}")
+  if d.arch_option not in (0, 1, 2) or (d.arch_option and d.block_depth < 1):
+    raise ValueError(f"model.decoder.arch_option {d.arch_option} (block_depth {d.block_depth}): expected 0, or 1/2 "
+                     "with block_depth >= 1")
+  if not config.get("labels"):
+    raise ValueError("config.labels: LSeg training needs the dataset's label names (class 0 first)")

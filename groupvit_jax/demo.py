@@ -68,6 +68,8 @@ def run(config, workdir: str, eval_images: int = 200, bg_threshold: float = 0.95
     raise ValueError(f"the demo evaluates the final step: eval_every ({config.eval_every}) must divide the "
                      f"{config.total_steps} training steps")
   os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # as the trainer's CLI writes it
+    f.write(config.to_json_best_effort(indent=2))
   start = time.time()
   print(f"[demo] generating the shapes world under {config.input.data[0]['data_dir']} (once) ...", flush=True)
   sources.prepare(config.input.data)

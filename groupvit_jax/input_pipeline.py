@@ -37,7 +37,8 @@ def preprocess_stream(ds: tf.data.Dataset, pp_spec: str, *, seed: int, start_ind
 
   def process(index, ex):
     ex = dict(ex)
-    ex["text"] = _clean_caption(ex["text"])
+    if "text" in ex:
+      ex["text"] = _clean_caption(ex["text"])
     ex["_seed"] = tf.stack([tf.constant(seed, tf.int64), index])
     ex = pp(ex)
     ex.pop("_seed")
@@ -48,6 +49,8 @@ def preprocess_stream(ds: tf.data.Dataset, pp_spec: str, *, seed: int, start_ind
   ds = ds.enumerate().skip(start_index)
   ds = ds.map(process, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors()
+  if "text" not in ds.element_spec:  # image + mask examples
+    return ds
   return ds.filter(lambda ex: tf.strings.length(ex["text"]) > 0)
 
 
@@ -60,7 +63,9 @@ def check_stream(ds: tf.data.Dataset, pp_spec: str, *, num: int = 16) -> None:
   pp = pp_ops.parse(pp_spec)
   errors = []
   for i, ex in enumerate(ds.take(num)):
-    ex = dict(ex, _seed=tf.constant([0, i], tf.int64), text=_clean_caption(ex["text"]))
+    ex = dict(ex, _seed=tf.constant([0, i], tf.int64))
+    if "text" in ex:
+      ex["text"] = _clean_caption(ex["text"])
     try:
       pp(ex)
       return
@@ -91,6 +96,9 @@ def batch_and_tokenize(ds: tf.data.Dataset, batch_size: int, tokenizer, context_
   `prompts_cut` counts the other prompts, longer than prompt_length (cut to it, EOT last).
   """
   ds = ds.batch(batch_size, drop_remainder=True)
+
+  if "text" not in ds.element_spec:  # image + mask batches
+    return ds.prefetch(AUTOTUNE)
 
   def tokenize(batch):
     texts = batch.pop("text")

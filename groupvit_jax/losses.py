@@ -88,6 +88,22 @@ def superpixel_kl(assign: jax.Array, superpixels: jax.Array) -> jax.Array:
   return 0.5 * (kl_m_a + kl_a_m) / assign.size
 
 
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel cross-entropy over the labels, averaged over the labelled pixels (LSeg's loss), and the
+  labelled pixels' accuracy.
+
+  Args:
+    logits: `[batch, h, w, labels]`.
+    labels: `[batch, h, w]` integer label ids; ids outside 0..labels-1 (255: ignore) are not scored.
+  """
+  valid = (labels >= 0) & (labels < logits.shape[-1])
+  safe = jnp.where(valid, labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+  count = jnp.maximum(jnp.sum(valid), 1)
+  correct = (jnp.argmax(logits, axis=-1) == safe) & valid
+  return jnp.sum(ce * valid) / count, jnp.sum(correct) / count
+
+
 def grouping_diagnostics(assignments: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
   """Per grouping stage: groups in use per image (groups holding at least one patch through the chained
   hard maps) and the mean entropy of a token's soft assignment (nats; log(groups) is uniform)."""

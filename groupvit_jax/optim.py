@@ -1,4 +1,5 @@
-"""The optax optimizer from config: AdamW, warmup + cosine, clipping, decay/freeze masks, accumulation."""
+"""The optax optimizer from config: AdamW (or SGD with momentum), warmup + cosine (or poly), clipping,
+decay/freeze masks, per-group learning rates, accumulation."""
 
 import math
 import re
@@ -21,6 +22,14 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_lr: 
     cosine = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(math.pi * jnp.minimum(step, total_steps) / total_steps))
     warm = warmup_lr + step * (base_lr - warmup_lr) / max(warmup_steps, 1)
     return jnp.where(step < warmup_steps, warm, cosine)
+  return schedule
+
+
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> Callable[[jax.Array], jax.Array]:
+  """base_lr * (1 - step / total_steps) ** power: the poly decay of LSeg's (encoding's) trainer."""
+  def schedule(step):
+    step = jnp.minimum(jnp.asarray(step, jnp.float32), total_steps)
+    return base_lr * (1.0 - step / total_steps) ** power
   return schedule
 
 
@@ -78,6 +87,10 @@ def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size:
                    ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """AdamW chain from `config.optim`; returns (optimizer, learning-rate schedule).
 
+  `optim.name = "sgd"` is PyTorch's SGD instead (momentum `optim.momentum`, weight decay added to the
+  gradient before the momentum, on the `decay_mask` parameters) and `optim.schedule = "poly"` the poly
+  decay (`optim.poly_power`) without warmup: LSeg's recipe.
+
   The learning rates are scaled linearly by `batch_size / config.optim.reference_batch` (the paper
   scales its 1.6e-3 at batch 4096); `optim.lr_scales` ({regex: factor}) gives parameter groups their own
   factor of it (SegCLIP: CLIP's weights at 1e-3 of the new modules' rate). Frozen parameters
@@ -87,13 +100,23 @@ def make_optimizer(config: Any, total_steps: int, warmup_steps: int, batch_size:
   """
   o = config.optim
   scale = batch_size / o.reference_batch
-  schedule = lr_schedule(o.lr * scale, total_steps, warmup_steps, o.warmup_lr * scale, o.min_lr * scale)
+  if o.get("schedule", "cosine") == "poly":
+    schedule = poly_schedule(o.lr * scale, total_steps, o.get("poly_power", 0.9))
+  elif o.get("schedule", "cosine") == "cosine":
+    schedule = lr_schedule(o.lr * scale, total_steps, warmup_steps, o.warmup_lr * scale, o.min_lr * scale)
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine' or 'poly', got {o.schedule!r}")
   mu_dtype = jnp.bfloat16 if o.get("bf16_moments", False) else None
-  parts = [
-      clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                  mask=lambda p: decay_mask(p, o.decay_mask), mu_dtype=mu_dtype),
-  ]
+  mask = lambda p: decay_mask(p, o.decay_mask)
+  if o.get("name", "adamw") == "sgd":
+    optimizer = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=mask),
+                            optax.sgd(schedule, momentum=o.get("momentum", 0.9)))
+  elif o.get("name", "adamw") == "adamw":
+    optimizer = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask,
+                            mu_dtype=mu_dtype)
+  else:
+    raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o.name!r}")
+  parts = [clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(), optimizer]
   if o.get("lr_scales"):  # only then: the optimizer state of every other config keeps its structure
     parts.append(scale_by_path(dict(o.lr_scales)))
   tx = optax.chain(*parts)

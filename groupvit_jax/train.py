@@ -168,6 +168,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                                                                  "batch_stats": state.batch_stats})
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     logging.info("initialised from %s", config.init_from)
+  elif config.get("init_text_from"):
+    text = checkpoint_lib.load_text_tower(config.init_text_from, state.params)
+    state = state.replace(params={**state.params, **text})
+    logging.info("text tower from %s", config.init_text_from)
   start_step = int(state.step)
 
   if jax.process_index() == 0:
@@ -188,7 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
   # One sharding for every batch array, whatever its rank (text [B, L] or [B, 1 + K, L], prompts): the
   # leading axis over (data, fsdp), the trailing axes a partition spec leaves out are replicated.
   batch_shardings = sharding.batch_sharding(mesh, 1)
-  step_fn = make_train_step(model, tx, schedule, config, base_rng)
+  label_tokens = None
+  if config.model.get("name") == "lseg":  # mask training: every pixel scored against the label names
+    label_tokens = np.asarray(tokenizer(list(config.labels), config.input.context_length))
+  step_fn = make_train_step(model, tx, schedule, config, base_rng, label_tokens)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, batch_shardings),
                          out_shardings=(shardings, None))

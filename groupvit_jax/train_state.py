@@ -63,8 +63,14 @@ def init_sharded_state(model, tx, config, mesh, rng):
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_train_step(model, tx, schedule, config, base_rng):
-  """The jitted-to-be step: forward both towers, both losses, backward, AdamW."""
+def make_train_step(model, tx, schedule, config, base_rng, label_tokens: jax.Array | None = None):
+  """The jitted-to-be step: forward both towers, both losses, backward, AdamW.
+
+  An LSeg model (`config.model.name == "lseg"`) trains on masks instead: `label_tokens` `[labels, length]`
+  are the label names' token ids (class 0 first), batches carry `image` and `mask`.
+  """
+  if config.model.get("name") == "lseg":
+    return _make_mask_step(model, tx, schedule, base_rng, label_tokens)
   ml_weight = config.loss.multi_label_weight
   recon_weight = config.loss.get("reconstruction_weight", 0.0)
   superpixel_weight = config.loss.get("superpixel_weight", 0.0)
@@ -100,6 +106,30 @@ def make_train_step(model, tx, schedule, config, base_rng):
       if out["assignments"]:
         parts.update(losses.grouping_diagnostics(out["assignments"]))
       return loss, (parts, updates.get("batch_stats", {}))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts, loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _make_mask_step(model, tx, schedule, base_rng, label_tokens: jax.Array):
+  """The mask-supervised step: per-pixel cross-entropy of the logits against the label names (LSeg)."""
+  if label_tokens is None:
+    raise ValueError("a mask-supervised step needs the label names' tokens (config.labels)")
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rngs = {"dropout": jax.random.fold_in(base_rng, state.step)}
+
+    def loss_fn(params):
+      out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                 label_tokens, train=True, rngs=rngs, mutable=["batch_stats"])
+      loss, accuracy = losses.pixel_cross_entropy(out["logits"], batch["mask"].astype(jnp.int32))
+      return loss, ({"pixel_accuracy": accuracy}, updates.get("batch_stats", {}))
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

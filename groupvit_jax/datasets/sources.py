@@ -32,20 +32,25 @@ def _host_files(files: list[str], process_index: int, process_count: int):
 
 
 def tfrecord_source(patterns: Sequence[str], *, seed: int, process_index: int = 0, process_count: int = 1,
-                    image_key: str = "jpg", text_key: str = "txt", shuffle_buffer: int = 10_000,
+                    image_key: str = "jpg", text_key: str = "txt", mask_key: str = "", shuffle_buffer: int = 10_000,
                     cycle_length: int = 16) -> tf.data.Dataset:
   """TFRecords of tf.train.Example with image bytes under `image_key` and the caption under `text_key`.
 
   This is img2dataset's `--output_format tfrecord` schema (`key`, `jpg`, `txt`, ...). A `nouns` bytes
-  list, written by our webdataset converter, is used when present.
+  list, written by our webdataset converter, is used when present. With `mask_key` (mask-supervised
+  training) the examples are image + mask instead: a single-channel PNG of label ids (255: ignore).
   """
   files, element_shard = _host_files(expand_patterns(patterns), process_index, process_count)
   spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
           text_key: tf.io.FixedLenFeature([], tf.string, default_value=""),
           "nouns": tf.io.VarLenFeature(tf.string)}
+  if mask_key:
+    spec = {image_key: spec[image_key], mask_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
 
   def parse(record):
     ex = tf.io.parse_single_example(record, spec)
+    if mask_key:
+      return {"image": ex[image_key], "mask": ex[mask_key]}
     return {"image": ex[image_key], "text": ex[text_key], "nouns": tf.sparse.to_dense(ex["nouns"])}
 
   ds = tf.data.Dataset.from_tensor_slices(files)
@@ -67,9 +72,10 @@ def _get_path(ex: dict[str, Any], path: str):
 
 def tfds_source(name: str, split: str, *, seed: int, process_index: int = 0, process_count: int = 1,
                 data_dir: str | None = None, image_key: str = "image", text_key: str = "caption",
-                shuffle_buffer: int = 10_000, prepare: bool = False) -> tf.data.Dataset:
+                mask_key: str = "", shuffle_buffer: int = 10_000, prepare: bool = False) -> tf.data.Dataset:
   """Any TFDS dataset with an image and a caption feature (`text_key` may be a path: "captions/text";
-  a caption list contributes its first caption). Images stay encoded until the pp ops decode them."""
+  a caption list contributes its first caption), or with `mask_key` an image and a segmentation mask
+  (mask-supervised training). Images stay encoded until the pp ops decode them."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from groupvit_jax.datasets import shapes_tfds  # pylint: disable=g-import-not-at-top,unused-import  (registers)
   try:
@@ -86,6 +92,8 @@ def tfds_source(name: str, split: str, *, seed: int, process_index: int = 0, pro
   ds = builder.as_dataset(split=host_split, shuffle_files=True, read_config=read_config, decoders=decoders)
 
   def convert(ex):
+    if mask_key:
+      return {"image": _get_path(ex, image_key), "mask": _get_path(ex, mask_key)}
     text = _get_path(ex, text_key)
     if text.shape.rank:
       text = text[0]
@@ -100,14 +108,17 @@ def tfds_source(name: str, split: str, *, seed: int, process_index: int = 0, pro
 
 def shapes_source(config: str = "size64", split: str = "train", *, data_dir: str, seed: int,
                   process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 10_000,
-                  use_nouns: bool = False) -> tf.data.Dataset:
+                  use_nouns: bool = False, masks: bool = False) -> tf.data.Dataset:
   """The shapes world through its TFDS builder, generated locally on first use.
 
   By default its ground-truth noun list is dropped, so nouns come from the captions as for real data.
+  `masks`: image + mask examples (mask-supervised training) instead of image + caption.
   """
   ds = tfds_source(f"shapes_world/{config}", split, seed=seed, process_index=process_index,
                    process_count=process_count, data_dir=data_dir, image_key="image", text_key="caption",
-                   shuffle_buffer=shuffle_buffer, prepare=process_count == 1)
+                   shuffle_buffer=shuffle_buffer, prepare=process_count == 1, mask_key="mask" if masks else "")
+  if masks:
+    return ds
   if not use_nouns:
     ds = ds.map(lambda ex: {"image": ex["image"], "text": ex["text"]})
   return ds
@@ -144,6 +155,8 @@ def build_source(cfg: Any, *, seed: int, process_index: int, process_count: int)
   if cfg["kind"] not in builders:
     raise ValueError(f"unknown data source kind {cfg['kind']!r}; expected one of {sorted(builders)}")
   ds = builders[cfg["kind"]](**kwargs, **common)
+  if "mask" in ds.element_spec:
+    return ds
   # Sources agree on one structure so they can be mixed.
   return ds.map(lambda ex: {"image": ex["image"], "text": ex["text"],
                             "nouns": ex.get("nouns", tf.zeros([0], tf.string))})
@@ -156,6 +169,8 @@ def mixed_source(cfgs: Sequence[Any], *, seed: int, process_index: int = 0, proc
     raise ValueError("input.data lists no source")
   datasets = [build_source(c, seed=seed + 7919 * i, process_index=process_index, process_count=process_count)
               for i, c in enumerate(cfgs)]
+  if len({"mask" in d.element_spec for d in datasets}) > 1:
+    raise ValueError("input.data mixes caption sources with mask sources; a run trains on one kind")
   if len(datasets) == 1:
     return datasets[0]
   weights = [float(dict(c).get("weight", 1.0)) for c in cfgs]

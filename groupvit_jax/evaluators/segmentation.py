@@ -29,6 +29,7 @@ from groupvit_jax.evaluators.miou import ConfusionMatrix, metrics_from_confusion
 from groupvit_jax.evaluators.registry import register
 from groupvit_jax.models import interpolate
 from groupvit_jax.models.groupvit import l2_normalize
+from groupvit_jax.models.lseg import LSeg
 from groupvit_jax.pp import ops as pp_ops
 from groupvit_jax.pp import tokenizers
 from groupvit_jax.pp.templates import get_templates
@@ -86,6 +87,8 @@ def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_si
   Returns:
     (`[batch, h, w, classes (+1 background first)]` scores, per-stage hard group maps `[batch, h, w]`).
   """
+  if isinstance(model, LSeg):  # dense: every pixel's softmax over the labels (background among them)
+    return jax.nn.softmax(model.apply(variables, images, text, method=model.logits), axis=-1), []
   b, h, w, _ = images.shape
   out = model.apply(variables, images, return_groups=True, method=model.encode_image)
   grid = (h // patch_size, w // patch_size)
@@ -155,8 +158,13 @@ class ZeroShotSegmenter:
     self.bg_threshold, self.mode = bg_threshold, mode
     self.crop, self.stride, self.short_side, self.long_side = crop, stride, short_side, long_side
     self.batch_size = batch_size
+    if isinstance(model, LSeg):
+      # LSeg names the background as one more label (its training set's label 0) and embeds label names
+      # as they are, without templates, as its reference does.
+      class_names = (["background"] if bg_threshold is not None else []) + list(class_names)
+      templates = "identity"
     self.text = class_embeddings(model, variables, class_names, tokenizer, context_length, templates)
-    self.num_outputs = len(class_names) + (bg_threshold is not None)
+    self.num_outputs = len(class_names) + (bg_threshold is not None and not isinstance(model, LSeg))
     self._scores = cached_jit(window_scores, model, patch_size=patch_size, bg_threshold=bg_threshold)
 
   def _run(self, windows: np.ndarray):

@@ -1,4 +1,4 @@
-"""GroupViT models in Flax linen; `build_model(config.model)` is the entry point."""
+"""The models in Flax linen (GroupViT, SegCLIP, LSeg); `build_model(config.model)` is the entry point."""
 
 from typing import Any
 
@@ -9,6 +9,7 @@ import ml_collections
 
 from groupvit_jax.models.groupvit import GroupViT, count_params, init_variables, random_variables
 from groupvit_jax.models.layers import ATTENTION_IMPLEMENTATIONS, KERNELS
+from groupvit_jax.models.lseg import LSeg
 from groupvit_jax.models.segclip import SegCLIP
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -21,12 +22,12 @@ def variables_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
                         jax.random.key(0))
 
 
-MODELS = ("groupvit", "segclip")
+MODELS = ("groupvit", "segclip", "lseg")
 
 
-def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP:
-  """Builds the model `config.model.name` names ("groupvit", the default, or "segclip") from `config.model`
-  (configs/groupvit_s.py, config_lib.segclip_model for the fields)."""
+def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP | LSeg:
+  """Builds the model `config.model.name` names ("groupvit", the default, "segclip" or "lseg") from
+  `config.model` (configs/groupvit_s.py, config_lib.segclip_model / lseg_model for the fields)."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
   kernels = config.get("kernels", "xla")
@@ -35,6 +36,15 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP:
   name = config.get("name", "groupvit")
   if name not in MODELS:
     raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
+  if name == "lseg":
+    d = config.decoder
+    return LSeg(vision=dict(config.image), text=dict(config.text), embed_dim=config.projection_dim,
+                features=d.features, level_widths=tuple(d.level_widths), reassemble=tuple(d.reassemble),
+                readout=d.readout, use_bn=d.use_bn, arch_option=d.arch_option, block_depth=d.block_depth,
+                activation=d.activation, logit_scale=config.logit_scale,
+                projection_layers=config.get("projection_layers", 1),
+                projection_hidden_dim=config.get("projection_hidden_dim", 4096), dtype=_DTYPES[config.dtype],
+                kernels=kernels)
   if name == "segclip":
     return SegCLIP(vision=dict(config.image), text=dict(config.text), group=dict(config.group),
                    embed_dim=config.projection_dim, dtype=_DTYPES[config.dtype], kernels=kernels,
@@ -67,4 +77,4 @@ def build_model(config: ml_collections.ConfigDict) -> GroupViT | SegCLIP:
       reconstruction=dict(config.reconstruction) if config.get("reconstruction", {}).get("dim") else None)
 
 
-__all__ = ["GroupViT", "SegCLIP", "build_model", "count_params", "init_variables", "random_variables", "variables_template"]
+__all__ = ["GroupViT", "LSeg", "SegCLIP", "build_model", "count_params", "init_variables", "random_variables", "variables_template"]

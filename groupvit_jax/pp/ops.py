@@ -137,9 +137,74 @@ def resize(size: int, key: str = "image") -> Op:
 
 @register("flip")
 def flip(key: str = "image") -> Op:
-  """Random horizontal flip (probability 0.5)."""
+  """Random horizontal flip (probability 0.5); a `mask` `[h, w]` flips with its image."""
   def op(f):
-    f[key] = tf.image.stateless_random_flip_left_right(f[key], seed=_seed(f, 20))
+    if "mask" not in f:
+      f[key] = tf.image.stateless_random_flip_left_right(f[key], seed=_seed(f, 20))
+      return f
+    # One draw for both: the mask travels as a fourth channel (the draw does not depend on the channels).
+    both = tf.image.stateless_random_flip_left_right(tf.concat([f[key], f["mask"][..., None]], axis=-1),
+                                                     seed=_seed(f, 20))
+    f[key], f["mask"] = both[..., :3], both[..., 3]
+    return f
+  return op
+
+
+@register("decode_mask")
+def decode_mask() -> Op:
+  """The segmentation mask -> uint8 label ids `[h, w]`: PNG bytes (single-channel, 255 = ignore) or an
+  already decoded `[h, w, 1]` / `[h, w]` array."""
+  def op(f):
+    mask = f["mask"]
+    if mask.dtype == tf.string:
+      mask = tf.io.decode_png(mask, channels=1)
+    mask = tf.cast(mask, tf.uint8)
+    if mask.shape.rank == 3:
+      mask = mask[..., 0]
+    image_hw = tf.shape(f["image"])[:2]
+    with tf.control_dependencies([tf.debugging.assert_equal(tf.shape(mask), image_hw,
+                                                            message="mask and image sizes differ")]):
+      f["mask"] = tf.identity(mask)
+    return f
+  return op
+
+
+@register("map_labels")
+def map_labels(keep, ignore: int = 255) -> Op:
+  """Mask ids -> their position in `keep` (a tuple of ids); every other id becomes `ignore`: training on a
+  subset of a dataset's classes (the others' pixels unscored)."""
+  table = np.full(256, ignore, np.uint8)
+  for new, old in enumerate(keep):
+    table[old] = new
+
+  def op(f):
+    f["mask"] = tf.gather(tf.constant(table), tf.cast(f["mask"], tf.int32))
+    return f
+  return op
+
+
+@register("random_scale_crop")
+def random_scale_crop(size: int, scale=(0.5, 2.0), base_size: int | None = None, ignore: int = 255) -> Op:
+  """Image and mask together: the longer side resized to `base_size` (default `size`) times a random
+  factor in `scale` (image bilinear, mask nearest), padded to at least size x size (image 0, mask
+  `ignore`), and a random size x size crop of both (segmentation training's augmentation)."""
+  base = float(base_size or size)
+
+  def op(f):
+    image, mask = f["image"], f["mask"]
+    s = tf.random.stateless_uniform([], _seed(f, 30), scale[0], scale[1])
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    new_hw = tf.maximum(tf.cast(tf.round(hw * (base * s) / tf.reduce_max(hw)), tf.int32), 1)
+    image = tf.image.resize(image, new_hw, method="bilinear")
+    mask = tf.image.resize(mask[..., None], new_hw, method="nearest")[..., 0]
+    pad = tf.maximum(size - new_hw, 0)
+    image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
+    mask = tf.pad(mask, [[0, pad[0]], [0, pad[1]]], constant_values=ignore)
+    room = tf.shape(mask) - size + 1
+    offset = tf.random.stateless_uniform([2], _seed(f, 31), 0, 2**30, dtype=tf.int32) % room
+    image = image[offset[0]:offset[0] + size, offset[1]:offset[1] + size]
+    f["image"] = tf.cast(tf.clip_by_value(tf.ensure_shape(image, [size, size, 3]), 0, 255), tf.uint8)
+    f["mask"] = tf.ensure_shape(mask[offset[0]:offset[0] + size, offset[1]:offset[1] + size], [size, size])
     return f
   return op
 
