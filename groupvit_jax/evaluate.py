@@ -55,7 +55,8 @@ def main(argv):
       patch_size=config.model.image.patch_size, context_length=config.input.context_length,
       templates=f.templates or "simple", bg_threshold=bg if dataset.has_background else None, mode=f.mode,
       crop=given("crop"), stride=given("stride"), short_side=given("short_side"),
-      scales=[float(s) for s in f.scales])
+      scales=[float(s) for s in f.scales],
+      **{k: protocol[k] for k in ("mean", "std") if k in protocol})
   n = min(f.limit, len(dataset.items)) if f.limit else len(dataset.items)
   print(f"evaluating {n} images of {f.data_dir}", flush=True)
   result = segmentation.evaluate_segmentation(segmenter, dataset, f.output_dir, f.num_pictures, f.limit)
@@ -73,8 +74,8 @@ def _define_flags():
   flags.DEFINE_string("tokenizer", None, "Override config.input.tokenizer.")
   flags.DEFINE_enum("protocol", "groupvit", sorted(segmentation.PROTOCOLS),
                     "Published protocol whose windows and background thresholds are the defaults: groupvit "
-                    "(448-px short side, 448/224 windows) or segclip (224, 224/224, VOC 0.80, Context 0.25, "
-                    "COCO 0.65).")
+                    "(448-px short side, 448/224 windows), segclip (224, 224/224, VOC 0.80, Context 0.25, "
+                    "COCO 0.65) or lseg (520, 480/320, images normalised with mean and std 0.5).")
   flags.DEFINE_float("bg_threshold", None, "Background threshold (default: the protocol's for the dataset).")
   flags.DEFINE_enum("mode", "slide", ["slide", "whole"], "Sliding 448/224 windows or the whole image.")
   flags.DEFINE_string("templates", None, "Prompt template set for class names (default: simple for "

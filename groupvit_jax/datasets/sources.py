@@ -1,13 +1,17 @@
-"""Image-text sources: TFRecord shards (img2dataset schema), any TFDS dataset, the shapes world.
+"""Training sources: TFRecord shards (img2dataset schema), any TFDS dataset, the shapes world, and for
+mask-supervised training the evaluators' folder layouts.
 
 Every source yields an infinite, deterministically shuffled stream of this host's share of examples
-`{"image": encoded bytes or uint8 [h, w, 3], "text": caption, optional "nouns": [n] strings}`;
+`{"image": encoded bytes or uint8 [h, w, 3], "text": caption, optional "nouns": [n] strings}`, or with
+masks `{"image", "mask": PNG bytes or uint8 [h, w(, 1)]}`;
 `mixed_source` samples several by weight. Given the seed, the stream is a fixed sequence, which is what
 makes the pipeline resumable by position (see input_pipeline.py).
 """
 
 from typing import Any, Sequence
 
+from absl import logging
+import numpy as np
 import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -124,11 +128,50 @@ def shapes_source(config: str = "size64", split: str = "train", *, data_dir: str
   return ds
 
 
+def seg_layout_source(layout: str, data_dir: str, split: str = "train", *, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> tf.data.Dataset:
+  """Image + mask examples from a folder layout the evaluators read (`voc`, `context`, `coco_object`,
+  `ade20k`, `generic`; evaluators/seg_datasets.py), in a per-epoch order drawn from the seed.
+
+  Masks are read as the evaluators read them (palette PNGs as ids; ADE20K's 0 -> 255 and k -> k - 1), so
+  `config.labels` is the layout's class list (`seg_datasets.load(layout, data_dir).classes`). A file that
+  cannot be read drops its example (counted as skipped).
+  """
+  from groupvit_jax.evaluators import seg_datasets  # pylint: disable=g-import-not-at-top
+  if layout not in seg_datasets.LAYOUTS:
+    raise ValueError(f"seg_layout: unknown layout {layout!r}; expected one of {sorted(seg_datasets.LAYOUTS)}")
+  dataset = seg_datasets.LAYOUTS[layout](data_dir) if layout == "generic" else seg_datasets.LAYOUTS[layout](
+      data_dir, split)
+  items = dataset.items[process_index::process_count]
+  if not items:
+    raise ValueError(f"seg_layout {data_dir}: no examples for process {process_index} of {process_count}")
+  n = len(dataset.classes)
+
+  def read(image_path, mask_path):
+    # Never raises: an unreadable pair comes out empty, and the pp ops (after the examples are numbered,
+    # which keeps a resumed stream aligned) drop it as a skipped example.
+    try:
+      _, mask = seg_datasets.read_pair(("", image_path.decode(), mask_path.decode()), n, dataset.reduce_zero_label)
+      with open(image_path, "rb") as f:
+        return f.read(), mask.astype(np.uint8)
+    except (OSError, ValueError) as e:
+      logging.warning("seg_layout: skipping %s: %s", image_path.decode(), e)
+      return b"", np.zeros((0, 0), np.uint8)
+
+  def load(image_path, mask_path):
+    image, mask = tf.numpy_function(read, [image_path, mask_path], [tf.string, tf.uint8], stateful=False)
+    return {"image": tf.ensure_shape(image, []), "mask": tf.ensure_shape(mask, [None, None])}
+
+  paths = tf.data.Dataset.from_tensor_slices(([i[1] for i in items], [i[2] for i in items]))
+  paths = paths.shuffle(len(items), seed=seed, reshuffle_each_iteration=True).repeat()
+  return paths.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
 def check(cfgs: Sequence[Any]) -> None:
   """The cheap checks, before any model is built: a known kind per source, globs that match files."""
   if not cfgs:
     raise ValueError("input.data lists no source")
-  kinds = ("tfrecord", "tfds", "shapes")
+  kinds = ("tfrecord", "tfds", "shapes", "seg_layout")
   for cfg in cfgs:
     kind = dict(cfg).get("kind")
     if kind not in kinds:
@@ -148,10 +191,12 @@ def prepare(cfgs: Sequence[Any]) -> None:
 
 
 def build_source(cfg: Any, *, seed: int, process_index: int, process_count: int) -> tf.data.Dataset:
-  """One source from its config dict (`kind`: tfrecord | tfds | shapes, plus that kind's arguments)."""
+  """One source from its config dict (`kind`: tfrecord | tfds | shapes | seg_layout, plus that kind's
+  arguments)."""
   kwargs = {k: v for k, v in dict(cfg).items() if k not in ("kind", "weight")}
   common = dict(seed=seed, process_index=process_index, process_count=process_count)
-  builders = {"tfrecord": tfrecord_source, "tfds": tfds_source, "shapes": shapes_source}
+  builders = {"tfrecord": tfrecord_source, "tfds": tfds_source, "shapes": shapes_source,
+              "seg_layout": seg_layout_source}
   if cfg["kind"] not in builders:
     raise ValueError(f"unknown data source kind {cfg['kind']!r}; expected one of {sorted(builders)}")
   ds = builders[cfg["kind"]](**kwargs, **common)

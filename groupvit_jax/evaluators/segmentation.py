@@ -38,11 +38,13 @@ from groupvit_jax.pp.templates import get_templates
 BG_THRESHOLDS = {"voc": 0.95, "context": 0.35, "coco_object": 0.95, "generic": 0.95}
 # The published protocols: window geometry and background thresholds per dataset (GroupViT's: the
 # reference's mmseg configs; SegCLIP's: its evaluation scripts). Region scores are masked to each image's
-# top-5 classes in both.
+# top-5 classes in both. LSeg's: its test script's crop (480 of a 520 short side) and its normalisation
+# (mean 0.5, std 0.5; the others ImageNet's); it names the background as a label, so no threshold.
 PROTOCOLS = {
     "groupvit": dict(short_side=448, crop=448, stride=224, bg_thresholds=BG_THRESHOLDS),
     "segclip": dict(short_side=224, crop=224, stride=224,
                     bg_thresholds={"voc": 0.80, "context": 0.25, "coco_object": 0.65, "generic": 0.80}),
+    "lseg": dict(short_side=520, crop=480, stride=320, bg_thresholds={}, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 MEAN = np.asarray(pp_ops.IMAGENET_MEAN, np.float32) * 255
@@ -148,12 +150,15 @@ class ZeroShotSegmenter:
   def __init__(self, model, variables, class_names: Sequence[str], tokenizer, *, patch_size: int,
                context_length: int = 77, templates: str = "simple", bg_threshold: float | None = 0.95,
                mode: str = "slide", crop: int = 448, stride: int = 224, short_side: int = 448,
-               long_side: int = 2048, batch_size: int = 8, scales: Sequence[float] = (1.0,)):
+               long_side: int = 2048, batch_size: int = 8, scales: Sequence[float] = (1.0,),
+               mean: Sequence[float] = pp_ops.IMAGENET_MEAN, std: Sequence[float] = pp_ops.IMAGENET_STD):
     if mode not in ("slide", "whole"):
       raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}")
     if not scales or min(scales) <= 0:
       raise ValueError(f"scales must be positive ratios, got {tuple(scales)}")
     self.scales = tuple(float(s) for s in scales)
+    self.mean = np.asarray(mean, np.float32) * 255  # the normalisation the model was trained with
+    self.std = np.asarray(std, np.float32) * 255
     self.model, self.variables, self.patch_size = model, variables, patch_size
     self.bg_threshold, self.mode = bg_threshold, mode
     self.crop, self.stride, self.short_side, self.long_side = crop, stride, short_side, long_side
@@ -176,7 +181,7 @@ class ZeroShotSegmenter:
     h0, w0 = image.shape[:2]
     h, w = test_time_resize_shape(h0, w0, self.short_side * scale, self.long_side * scale)
     resized = np.asarray(jax.image.resize(image.astype(np.float32), (h, w, 3), "linear", antialias=False))
-    x = (resized - MEAN) / STD
+    x = (resized - self.mean) / self.std
     if self.mode == "whole":
       windows = [(0, h, 0, w)]
     else:

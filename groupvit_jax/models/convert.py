@@ -618,6 +618,9 @@ def main(argv):
   f = flags.FLAGS
   from groupvit_jax.models import variables_template  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(f.config)
+  if config.model.get("name", "groupvit") == "lseg":
+    _import_lseg(config, f.input, f.output)
+    return
   if config.model.get("name", "groupvit") == "segclip":
     if f.export_hf:
       _export_segclip_clip(config, f.checkpoint, f.export_hf)
@@ -669,6 +672,21 @@ def _import_clip_for_segclip(config: Any, input_path: str, output: str) -> None:
   new = count_params({k: v for k, v in variables["params"].items() if k not in CLIP_PARAMS})
   print(f"imported {count_params(variables['params']) - new:,} CLIP parameters ({fmt} names) from {input_path} to "
         f"{output}; the semantic group module's (and the reconstruction's) {new:,} start from seed 0")
+
+
+def _import_lseg(config: Any, input_path: str, output: str) -> None:
+  """LSeg's released checkpoint (models/convert_lseg.py) into an LSeg checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from groupvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from groupvit_jax.models import build_model, convert_lseg, count_params, random_variables  # pylint: disable=g-import-not-at-top
+  if not (input_path and output):
+    raise ValueError("an LSeg config imports LSeg's released weights: give --input (its .ckpt / state dict) and --output")
+  variables = random_variables(build_model(config.model), config.model, jax.random.key(0))
+  variables, notes = convert_lseg.release_to_variables(load_state_dict(input_path), variables)
+  checkpoint.save_variables(output, variables)
+  print(f"imported LSeg's {count_params(variables['params']):,} parameters from {input_path} to {output}")
+  for note in notes:
+    print(f"  {note}")
 
 
 def _export_segclip_clip(config: Any, checkpoint_dir: str, path: str) -> None:

@@ -32,9 +32,10 @@ import numpy as np
 
 from groupvit_jax.models import interpolate
 from groupvit_jax.models.groupvit import ProjectMLP, l2_normalize
-from groupvit_jax.models.layers import BatchNorm, Dtype, exact_gelu, normal, param_with_axes, use_kernels
+from groupvit_jax.models.layers import (BatchNorm, Dtype, LayerNorm, Mlp, SelfAttention, exact_gelu, normal,
+                                        param_with_axes, use_kernels)
 from groupvit_jax.models.text_transformer import TextTransformer
-from groupvit_jax.models.vit import AttnBlock, PatchProjection
+from groupvit_jax.models.vit import PatchProjection
 
 READOUTS = ("ignore", "add", "project")
 
@@ -94,6 +95,27 @@ class FeatureFusionBlock(nn.Module):
     return nn.Conv(self.features, (1, 1), dtype=self.dtype, name="out_conv")(x)
 
 
+class PatchUpsample(nn.Module):
+  """A transposed convolution whose kernel equals its stride (`[b, h, w, in]` -> `[b, h f, w f, out]`):
+  each input pixel spreads into its own f x f block, `kernel[a, c, in, out]` = PyTorch's
+  ConvTranspose2d weight `[in, out, a, c]`."""
+  features: int
+  factor: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = self.factor
+    fan_in = self.features * f * f  # PyTorch's ConvTranspose2d default init bound: 1/sqrt(out * k * k)
+    bound = fan_in**-0.5
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    kernel = self.param("kernel", uniform, (f, f, x.shape[-1], self.features))
+    bias = self.param("bias", uniform, (self.features,))
+    b, h, w, _ = x.shape
+    y = jnp.einsum("bhwi,acio->bhawco", x, kernel.astype(self.dtype)).reshape(b, h * f, w * f, self.features)
+    return y + bias.astype(y.dtype)
+
+
 class Reassemble(nn.Module):
   """Tokens `[batch, 1 + h*w, width]` of one hooked block -> a feature map `[batch, h*f, w*f, features]`."""
   level_width: int
@@ -113,9 +135,7 @@ class Reassemble(nn.Module):
     x = patches.reshape(tokens.shape[0], grid[0], grid[1], -1)
     x = nn.Conv(self.level_width, (1, 1), dtype=self.dtype, name="project")(x)
     if self.factor > 1:
-      f = int(self.factor)
-      x = nn.ConvTranspose(self.level_width, (f, f), strides=(f, f), padding="VALID", dtype=self.dtype,
-                           name="resample")(x)
+      x = PatchUpsample(self.level_width, int(self.factor), self.dtype, name="resample")(x)
     elif self.factor < 1:
       x = nn.Conv(self.level_width, (3, 3), strides=(2, 2), padding=1, dtype=self.dtype, name="resample")(x)
     # The decoder's own 3x3 convolution to its width (the reference's scratch.layer<i>_rn).
@@ -139,6 +159,19 @@ class SpatialBlock(nn.Module):
     if not act:
       return y
     return {"relu": nn.relu, "lrelu": lambda v: nn.leaky_relu(v, 0.01), "tanh": jnp.tanh}[self.activation](y)
+
+
+class TimmBlock(nn.Module):
+  """timm's ViT block: x + attn(LN(x)); x + mlp(LN(x)), LayerNorm epsilon 1e-6, exact GELU."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ln = lambda name: LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    x = x + SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(ln("norm1")(x))
+    return x + Mlp(int(x.shape[-1] * self.mlp_ratio), x.shape[-1], dtype=self.dtype, name="mlp")(ln("norm2")(x))
 
 
 class DPTViT(nn.Module):
@@ -166,7 +199,7 @@ class DPTViT(nn.Module):
     x = x + jnp.concatenate([pos[:, :1], grid_pos], axis=1).astype(x.dtype)
     hooked = []
     for i in range(max(self.hooks) + 1):  # blocks after the last hook would not change the output
-      x = AttnBlock(self.heads, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
+      x = TimmBlock(self.heads, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
       if i in self.hooks:
         hooked.append(x)
     return hooked, (gh, gw)
