@@ -107,14 +107,19 @@ def make_train_step(model, tx, schedule, config, base_rng, label_tokens: jax.Arr
         parts.update(losses.grouping_diagnostics(out["assignments"]))
       return loss, (parts, updates.get("batch_stats", {}))
 
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts, loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params))
-    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+    return _descend(state, loss_fn, tx, schedule)
 
   return train_step
+
+
+def _descend(state: TrainState, loss_fn, tx, schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on `loss_fn(params) -> (loss, (metrics, batch_stats))`; the step's metrics."""
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(parts, loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
 def _make_mask_step(model, tx, schedule, base_rng, label_tokens: jax.Array):
@@ -131,11 +136,6 @@ def _make_mask_step(model, tx, schedule, base_rng, label_tokens: jax.Array):
       loss, accuracy = losses.pixel_cross_entropy(out["logits"], batch["mask"].astype(jnp.int32))
       return loss, ({"pixel_accuracy": accuracy}, updates.get("batch_stats", {}))
 
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts, loss=loss, learning_rate=schedule(state.step), grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params))
-    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+    return _descend(state, loss_fn, tx, schedule)
 
   return train_step
