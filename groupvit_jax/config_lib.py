@@ -280,7 +280,7 @@ def _validate_lseg(config: ml_collections.ConfigDict) -> None:
   if len(d.level_widths) != 4 or len(d.reassemble) != 4 or not all(f in (0.5, 1, 2, 4, 8) for f in d.reassemble):
     raise ValueError(f"model.decoder: level_widths and reassemble need 4 entries each, reassemble factors in "
                      f"(0.5, 1, 2, 4, 8); got {tuple(d.level_widths)}, {tuple(d.reassemble)}")
-  if d.readout not in ("ignore", "add", "project"):
+  if d.readout not in ("ignore", "add", "project"):  # models/lseg.py READOUTS
     raise ValueError(f"model.decoder.readout must be ignore, add or project, got {d.readout!r}")
   if d.arch_option not in (0, 1, 2) or (d.arch_option and d.block_depth < 1):
     raise ValueError(f"model.decoder.arch_option {d.arch_option} (block_depth {d.block_depth}): expected 0, or 1/2 "

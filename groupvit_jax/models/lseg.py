@@ -126,6 +126,8 @@ class Reassemble(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    if self.readout not in READOUTS:
+      raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
     cls, patches = tokens[:, :1], tokens[:, 1:]
     if self.readout == "project":
       both = jnp.concatenate([patches, jnp.broadcast_to(cls, patches.shape)], axis=-1)
