@@ -366,13 +366,13 @@ def test_lseg_on_a_2x2x2_mesh_matches_one_device(shapes_data_dir, tmp_path):
   assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
 
   def config(mesh):
-    c = config_lib.load_config(f"configs/lseg_demo.py:world=codedtiny32,steps=3,batch=8,data_dir={shapes_data_dir}")
+    c = config_lib.load_config(f"configs/lseg_demo.py:world=codedtiny32,steps=2,batch=8,dim=32,features=16,data_dir={shapes_data_dir}")
     c.update(log_every=1, checkpoint_every=100, evals={}, mesh=mesh)
     return c
 
   train.train_and_evaluate(config({"data": 1, "fsdp": 1, "model": 1}), str(tmp_path / "one"), devices=jax.devices()[:1])
   train.train_and_evaluate(config({"data": 2, "fsdp": 2, "model": 2}), str(tmp_path / "eight"))
   one, eight = _metrics(str(tmp_path / "one")), _metrics(str(tmp_path / "eight"))
-  for step in (1, 2, 3):
+  for step in (1, 2):
     for key in ("loss", "pixel_accuracy"):
       assert abs(eight[step][key] - one[step][key]) <= 1e-5 * max(1.0, abs(one[step][key])), (step, key)
