@@ -10,7 +10,8 @@ counted from them.
 
 Bad input: a corrupt, truncated or over-large image raises inside the per-example map and
 `ignore_errors` drops it; an empty caption is filtered; non-UTF-8 bytes in a caption are replaced;
-a caption with no nouns gets the caption itself in every prompt slot (counted as `no_nouns`).
+a caption with no nouns gets the caption itself in every prompt slot (counted as `no_nouns`); a mask that
+cannot be read or whose size differs from its image's drops its example (mask-supervised sources).
 """
 
 import dataclasses
