@@ -151,7 +151,8 @@ def seg_layout_source(layout: str, data_dir: str, split: str = "train", *, seed:
     # Never raises: an unreadable pair comes out empty, and the pp ops (after the examples are numbered,
     # which keeps a resumed stream aligned) drop it as a skipped example.
     try:
-      _, mask = seg_datasets.read_pair(("", image_path.decode(), mask_path.decode()), n, dataset.reduce_zero_label)
+      # The image is decoded once, by the pp ops (decode_mask checks that the sizes agree).
+      mask = seg_datasets.read_mask(mask_path.decode(), n, dataset.reduce_zero_label)
       with open(image_path, "rb") as f:
         return f.read(), mask.astype(np.uint8)
     except (OSError, ValueError) as e:

@@ -178,19 +178,25 @@ def read_pair(item: tuple[str, str, str], num_classes: int,
               reduce_zero_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 RGB image, int mask); raises naming the file for a missing or inconsistent mask."""
   _, image_path, mask_path = item
+  mask = read_mask(mask_path, num_classes, reduce_zero_label)
+  image = np.asarray(read_image(image_path).convert("RGB"))
+  if mask.shape != image.shape[:2]:
+    raise ValueError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size "
+                     f"{image.shape[1::-1]} ({image_path})")
+  return image, mask
+
+
+def read_mask(mask_path: str, num_classes: int, reduce_zero_label: bool = False) -> np.ndarray:
+  """Class ids `[h, w]` (255: ignored); raises naming the file for a missing or inconsistent mask."""
   if not os.path.exists(mask_path):
     raise FileNotFoundError(f"mask {mask_path!r} does not exist")
-  image = np.asarray(read_image(image_path).convert("RGB"))
   mask = np.asarray(read_image(mask_path)).astype(np.int64)
   if mask.ndim != 2:
     raise ValueError(f"{mask_path}: expected a single-channel mask of class ids, got shape {mask.shape}")
   if reduce_zero_label:  # mmseg: 0 -> 255 (ignored), k -> k - 1
     mask = np.where(mask == 0, 255, mask - 1)
     mask[mask == 254] = 255
-  if mask.shape != image.shape[:2]:
-    raise ValueError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size "
-                     f"{image.shape[1::-1]} ({image_path})")
   bad = mask[(mask != 255) & (mask >= num_classes)]
   if bad.size:
     raise ValueError(f"{mask_path}: class id {int(bad.max())} >= the {num_classes} classes of the dataset")
-  return image, mask
+  return mask
