@@ -16,7 +16,7 @@ endif
 export MALLOC_CONF ?= $(JEMALLOC_CONF)
 endif
 
-.PHONY: install install-core demo test test-all bench
+.PHONY: install install-core browser demo app test test-all bench
 
 install:
 	$(PIP) install -q -e '.[test,torch]'
@@ -30,11 +30,22 @@ demo: install-core
 	rm -rf $(DEMO_DIR)
 	$(PYTHON) -m groupvit_jax.demo --workdir=$(DEMO_DIR)
 
+# The page over the demo's checkpoint (docs/app.md): http://127.0.0.1:7860
+app:
+	$(PIP) install -q -e '.[app]'
+	$(PYTHON) -m groupvit_jax.app --checkpoint=$(DEMO_DIR)
+
+# The page's test drives Debian's Chromium through its ChromeDriver (tests/test_app.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromedriver || $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null || \
+	  ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null)
+
 # The test suite (what CI runs), its 10 slowest tests and its total time; test-all adds the slow ones.
-test: install
+test: install browser
 	$(PYTHON) -m pytest -q -n 2 --durations=10 tests
 
-test-all: install
+test-all: install browser
 	$(PYTHON) -m pytest -q -n 2 --durations=10 -m "slow or not slow" tests
 
 bench: install

@@ -18,7 +18,7 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "absl-py==2.5.1",
     "numpy==2.4.6",
-    "pillow==13.0.0",
+    "pillow==12.3.0",  # gradio (the page) needs pillow<13.
     "ftfy==6.3.1",
     "regex==2026.5.9",
     "safetensors==0.8.0",
@@ -28,7 +28,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "filelock==4.2.11"],
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "filelock==4.2.11", "selenium==4.51.0", "gradio==6.31.0"],
+    # The page (python -m groupvit_jax.app).
+    "app": ["gradio==6.31.0"],
     # Reference implementations and .pth reading: tests, benchmarks and weight conversion only.
     "torch": ["torch==2.13.0", "transformers==5.23.0"],
     "bench": ["torch==2.13.0", "transformers==5.23.0"],

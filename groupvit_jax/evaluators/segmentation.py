@@ -11,6 +11,7 @@ the per-scale scores are resized to the original size and averaged.
 """
 
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -54,12 +55,12 @@ STD = np.asarray(pp_ops.IMAGENET_STD, np.float32) * 255
 _JITTED: dict[tuple, tuple[Any, Any]] = {}
 
 
-def cached_jit(fn, model, **static):
+def cached_jit(fn, model, static_argnames: tuple[str, ...] = (), **static):
   """One jitted `partial(fn, model, **static)` per (fn, model, static): periodic evaluations during
   training build a new segmenter each time and would otherwise recompile both towers every time."""
-  key = (fn, id(model), tuple(sorted(static.items())))
+  key = (fn, id(model), tuple(sorted(static.items())), static_argnames)
   if key not in _JITTED:  # The model is kept in the value so that its id is not reused.
-    _JITTED[key] = (model, jax.jit(functools.partial(fn, model, **static)))
+    _JITTED[key] = (model, jax.jit(functools.partial(fn, model, **static), static_argnames=static_argnames))
   return _JITTED[key][1]
 
 
@@ -78,6 +79,57 @@ def class_embeddings(model, variables, class_names: Sequence[str], tokenizer, co
   return l2_normalize(embeds)
 
 
+def window_features(model, variables, images: jax.Array, patch_size: int) -> dict[str, Any]:
+  """The part of `window_scores` that does not depend on the class names, for a batch of normalised windows
+  `[batch, h, w, 3]`: LSeg's per-pixel features, or each pixel's final group (`[batch, h, w]`, the argmax of
+  the stages' chained soft maps resized bilinearly to the window), the group and image embeddings and
+  every stage's group map (for pictures)."""
+  if isinstance(model, LSeg):
+    return {"pixels": model.apply(variables, images, method=model.pixel_features)}
+  b, h, w, _ = images.shape
+  out = model.apply(variables, images, return_groups=True, method=model.encode_image)
+  grid = (h // patch_size, w // patch_size)
+  # Each stage's chained soft map (patches -> its groups), resized to the window; the last one decides.
+  stage_maps, chained, resized = [], None, None
+  for maps in out["assignments"]:
+    m = jnp.swapaxes(maps["soft"].astype(jnp.float32), 1, 2)  # [B, tokens_in, groups_out]
+    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)  # [B, P, G_stage]
+    resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
+    stage_maps.append(jnp.argmax(resized, axis=-1))
+  if not out["assignments"]:  # a plain ViT (no grouping): every patch is its own group
+    p = grid[0] * grid[1]
+    identity = jnp.broadcast_to(jnp.eye(p, dtype=jnp.float32), (b, p, p))
+    resized = interpolate.resize_2d(identity.reshape(b, *grid, p), (h, w), "bilinear")
+    stage_maps.append(jnp.argmax(resized, axis=-1))
+  return {"group": stage_maps[-1], "group_embeds": out["group_embeds"], "image_embeds": out["image_embeds"],
+          "stage_maps": stage_maps}
+
+
+def scores_from_features(model, variables, features: dict[str, Any], text: jax.Array, bg_threshold: float | None,
+                         size: tuple[int, int], top_k: int = 5) -> tuple[jax.Array, jax.Array | None]:
+  """`window_features`' output and class embeddings -> (per-pixel scores `[batch, h, w, outputs]`, each
+  group's class scores `[batch, groups, classes]` or None for LSeg); `size` is the windows' (h, w)."""
+  if isinstance(model, LSeg):  # dense: every pixel's softmax over the labels (background among them)
+    logits = model.apply(variables, features["pixels"], text, size, method=model.logits_from_features)
+    return jax.nn.softmax(logits, axis=-1), None
+  group_embeds, image_embeds = features["group_embeds"], features["image_embeds"]
+  onehot = jax.nn.one_hot(features["group"], group_embeds.shape[1], dtype=jnp.float32)  # [B, h, w, G]
+  scale = jnp.minimum(jnp.exp(variables["params"]["logit_scale"]), 100.0)
+  group_logits = scale * jnp.einsum("bgd,cd->bgc", l2_normalize(group_embeds), text)
+  unmasked = jax.nn.softmax(group_logits, axis=-1)
+  image_probs = jax.nn.softmax(scale * l2_normalize(image_embeds) @ text.T, axis=-1)
+  k = min(top_k, text.shape[0])
+  kth = jax.lax.top_k(image_probs, k)[0][:, -1:]
+  eligible = image_probs >= kth  # [B, C]
+  masked = jax.nn.softmax(jnp.where(eligible[:, None, :], group_logits, -jnp.inf), axis=-1) * unmasked
+  scores = jnp.einsum("bhwg,bgc->bhwc", onehot, masked)
+  if bg_threshold is not None:
+    threshold = jnp.minimum(bg_threshold, masked.max(axis=(1, 2)))[:, None, None]
+    background = (scores.max(axis=-1) < threshold).astype(scores.dtype)
+    scores = jnp.concatenate([background[..., None], scores], axis=-1)
+  return scores, masked
+
+
 def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_size: int,
                   bg_threshold: float | None, top_k: int = 5) -> tuple[jax.Array, list[jax.Array]]:
   """Per-pixel class scores for a batch of normalised windows.
@@ -89,40 +141,9 @@ def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_si
   Returns:
     (`[batch, h, w, classes (+1 background first)]` scores, per-stage hard group maps `[batch, h, w]`).
   """
-  if isinstance(model, LSeg):  # dense: every pixel's softmax over the labels (background among them)
-    return jax.nn.softmax(model.apply(variables, images, text, method=model.logits), axis=-1), []
-  b, h, w, _ = images.shape
-  out = model.apply(variables, images, return_groups=True, method=model.encode_image)
-  grid = (h // patch_size, w // patch_size)
-  # Each stage's chained soft map (patches -> its groups), resized to the window; the last one decides.
-  stage_maps, chained, resized = [], None, None
-  for maps in out["assignments"]:
-    m = jnp.swapaxes(maps["soft"].astype(jnp.float32), 1, 2)  # [B, tokens_in, groups_out]
-    chained = m if chained is None else jnp.einsum("bpg,bgh->bph", chained, m)  # [B, P, G_stage]
-    resized = interpolate.resize_2d(chained.reshape(b, *grid, -1), (h, w), "bilinear")
-    stage_maps.append(jnp.argmax(resized, axis=-1))  # for pictures
-  if not out["assignments"]:  # a plain ViT (no grouping): every patch is its own group
-    p = grid[0] * grid[1]
-    identity = jnp.broadcast_to(jnp.eye(p, dtype=jnp.float32), (b, p, p))
-    resized = interpolate.resize_2d(identity.reshape(b, *grid, p), (h, w), "bilinear")
-    stage_maps.append(jnp.argmax(resized, axis=-1))
-  soft = resized
-  groups = soft.shape[-1]
-  onehot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), groups, dtype=jnp.float32)  # [B, h, w, G]
-  scale = jnp.minimum(jnp.exp(variables["params"]["logit_scale"]), 100.0)
-  group_logits = scale * jnp.einsum("bgd,cd->bgc", l2_normalize(out["group_embeds"]), text)
-  unmasked = jax.nn.softmax(group_logits, axis=-1)
-  image_probs = jax.nn.softmax(scale * l2_normalize(out["image_embeds"]) @ text.T, axis=-1)
-  k = min(top_k, text.shape[0])
-  kth = jax.lax.top_k(image_probs, k)[0][:, -1:]
-  eligible = image_probs >= kth  # [B, C]
-  masked = jax.nn.softmax(jnp.where(eligible[:, None, :], group_logits, -jnp.inf), axis=-1) * unmasked
-  scores = jnp.einsum("bhwg,bgc->bhwc", onehot, masked)
-  if bg_threshold is not None:
-    threshold = jnp.minimum(bg_threshold, masked.max(axis=(1, 2)))[:, None, None]
-    background = (scores.max(axis=-1) < threshold).astype(scores.dtype)
-    scores = jnp.concatenate([background[..., None], scores], axis=-1)
-  return scores, stage_maps
+  features = window_features(model, variables, images, patch_size)
+  scores, _ = scores_from_features(model, variables, features, text, bg_threshold, images.shape[1:3], top_k)
+  return scores, features.get("stage_maps", [])
 
 
 def test_time_resize_shape(h: int, w: int, short_side: int = 448, long_side: int = 2048) -> tuple[int, int]:
@@ -142,6 +163,24 @@ def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int
       y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
       out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
   return out
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+  """One image's class-independent window outputs at one test-time size (`ZeroShotSegmenter.features`)."""
+  shape: tuple[int, int]  # the original image's (H, W)
+  size: tuple[int, int]  # the test-time (h, w)
+  windows: list[tuple[int, int, int, int]]
+  batches: list[dict[str, Any]]  # window_features' output per batch of windows
+
+  @property
+  def window_size(self) -> tuple[int, int]:
+    y1, y2, x1, x2 = self.windows[0]
+    return y2 - y1, x2 - x1
+
+  def group_maps(self) -> list[np.ndarray]:
+    """The first window's per-stage group maps (empty for LSeg)."""
+    return [np.asarray(m[0]) for m in self.batches[0].get("stage_maps", [])]
 
 
 class ZeroShotSegmenter:
@@ -170,49 +209,64 @@ class ZeroShotSegmenter:
       templates = "identity"
     self.text = class_embeddings(model, variables, class_names, tokenizer, context_length, templates)
     self.num_outputs = len(class_names) + (bg_threshold is not None and not isinstance(model, LSeg))
-    self._scores = cached_jit(window_scores, model, patch_size=patch_size, bg_threshold=bg_threshold)
+    self._features = cached_jit(window_features, model, patch_size=patch_size)
+    self._scores = cached_jit(scores_from_features, model, bg_threshold=bg_threshold, static_argnames=("size",))
 
-  def _run(self, windows: np.ndarray):
-    return self._scores(self.variables, jnp.asarray(windows), self.text)
-
-  def scores(self, image: np.ndarray, scale: float = 1.0):
-    """uint8 `[H, W, 3]` -> (`[H, W, outputs]` window-averaged scores at the original size, the first
-    window's per-stage group maps) with the test-time size multiplied by `scale`."""
+  def features(self, image: np.ndarray, scale: float = 1.0) -> ImageFeatures:
+    """What the class names do not change, for uint8 `[H, W, 3]` at the test-time size times `scale`: a
+    segmenter of the same model, mode and geometry scores them with any class names (`scores_from`)."""
     h0, w0 = image.shape[:2]
     h, w = test_time_resize_shape(h0, w0, self.short_side * scale, self.long_side * scale)
     resized = np.asarray(jax.image.resize(image.astype(np.float32), (h, w, 3), "linear", antialias=False))
     x = (resized - self.mean) / self.std
-    if self.mode == "whole":
-      windows = [(0, h, 0, w)]
-    else:
-      windows = slide_windows(h, w, self.crop, self.stride)
+    windows = [(0, h, 0, w)] if self.mode == "whole" else slide_windows(h, w, self.crop, self.stride)
+    crops = np.stack([x[y1:y2, x1:x2] for y1, y2, x1, x2 in windows])  # all windows share one size
+    batches = [self._features(self.variables, jnp.asarray(crops[i:i + self.batch_size]))
+               for i in range(0, len(windows), self.batch_size)]
+    return ImageFeatures((h0, w0), (h, w), windows, batches)
+
+  def scores_from(self, features: ImageFeatures) -> np.ndarray:
+    """`[H, W, outputs]` window-averaged scores at the original size."""
+    h, w = features.size
     total = np.zeros((h, w, self.num_outputs), np.float32)
     count = np.zeros((h, w, 1), np.float32)
-    group_maps = None
-    crops = np.stack([x[y1:y2, x1:x2] for y1, y2, x1, x2 in windows])  # all windows share one size
-    for start in range(0, len(windows), self.batch_size):
-      scores, stages = self._run(crops[start:start + self.batch_size])
-      scores = np.asarray(scores)
-      for i, (y1, y2, x1, x2) in enumerate(windows[start:start + self.batch_size]):
+    for start, batch in zip(range(0, len(features.windows), self.batch_size), features.batches):
+      scores = np.asarray(self._scores(self.variables, batch, self.text, size=features.window_size)[0])
+      for i, (y1, y2, x1, x2) in enumerate(features.windows[start:start + self.batch_size]):
         total[y1:y2, x1:x2] += scores[i]
         count[y1:y2, x1:x2] += 1
-      if group_maps is None:
-        group_maps = [np.asarray(s[0]) for s in stages]  # first window's groups, for pictures
     mean = total / count
-    return np.asarray(interpolate.resize_2d(jnp.asarray(mean), (h0, w0), "bilinear", axes=(0, 1))), group_maps
+    return np.asarray(interpolate.resize_2d(jnp.asarray(mean), features.shape, "bilinear", axes=(0, 1)))
 
-  def predict(self, image: np.ndarray, return_groups: bool = False):
+  def scores(self, image: np.ndarray, scale: float = 1.0):
+    """uint8 `[H, W, 3]` -> (`[H, W, outputs]` window-averaged scores at the original size, the first
+    window's per-stage group maps) with the test-time size multiplied by `scale`."""
+    features = self.features(image, scale)
+    return self.scores_from(features), features.group_maps()
+
+  def image_features(self, image: np.ndarray) -> list[ImageFeatures]:
+    """`features` at every scale, for `predict(image, features=...)`."""
+    return [self.features(image, s) for s in self.scales]
+
+  def predict(self, image: np.ndarray, return_groups: bool = False,
+              features: Sequence[ImageFeatures] | None = None):
     """uint8 `[H, W, 3]` -> label map `[H, W]` (0 = background when thresholded), and optionally
-    per-stage group maps (of the first scale's first window)."""
-    total, group_maps = None, None
-    for scale in self.scales:
-      scores, groups = self.scores(image, scale)
-      total = scores if total is None else total + scores
-      group_maps = group_maps or groups
+    per-stage group maps (of the first scale's first window). `features`: `image_features(image)` of a
+    segmenter of the same model and geometry (any class names), to skip the image tower."""
+    features = features if features is not None else self.image_features(image)
+    if len(features) != len(self.scales) or features[0].shape != image.shape[:2]:
+      raise ValueError(f"features: expected one per scale {self.scales} of a {image.shape[:2]} image")
+    total = sum(self.scores_from(f) for f in features)
     pred = (total / len(self.scales)).argmax(axis=-1).astype(np.int32)
     if return_groups:
-      return pred, group_maps
+      return pred, features[0].group_maps()
     return pred
+
+  def group_scores(self, features: ImageFeatures) -> np.ndarray | None:
+    """Each final group's class scores `[groups, classes]` in the first window (the masked softmax times
+    the unmasked one, as the pixels get them; foreground classes only); None for LSeg."""
+    out = self._scores(self.variables, features.batches[0], self.text, size=features.window_size)[1]
+    return None if out is None else np.asarray(out[0])
 
 
 def evaluate_segmentation(segmenter: ZeroShotSegmenter, dataset: seg_datasets.SegDataset, output_dir: str | None,

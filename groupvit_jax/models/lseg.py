@@ -273,13 +273,17 @@ class LSeg(nn.Module):
 
   def logits(self, images: jax.Array, label_embeds: jax.Array, train: bool = False) -> jax.Array:
     """Per-pixel logits `[batch, h, w, labels]` at the input size, for label embeddings `[labels, dim]`."""
-    feats = l2_normalize(self.pixel_features(images, train).astype(jnp.float32))
+    return self.logits_from_features(self.pixel_features(images, train), label_embeds, images.shape[1:3])
+
+  def logits_from_features(self, features: jax.Array, label_embeds: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """`logits` from `pixel_features`' output, resized to `size` (one image's features, any labels)."""
+    feats = l2_normalize(features.astype(jnp.float32))
     out = self.logit_scale * jnp.einsum("bhwd,ld->bhwl", feats, l2_normalize(label_embeds.astype(jnp.float32)))
     if self.arch_option in (1, 2):
       for _ in range(self.block_depth - 1):
         out = self.head_block(out, act=True)
       out = self.head_block(out, act=False)
-    return resize_aligned(out, images.shape[1:3])
+    return resize_aligned(out, size)
 
   def __call__(self, images: jax.Array, text: jax.Array, train: bool = False,
                prompts: Optional[jax.Array] = None) -> dict[str, jax.Array]:
