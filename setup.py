@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "importlib-resources==7.1.0",  # tensorflow-datasets 4.9.10 imports it without requiring it.
     "scikit-image==0.26.0",  # Felzenszwalb superpixels (the superpixels pp op).
+    "scipy==1.17.1",  # the page numbers groups at their innermost pixel (distance transform).
     "textblob==0.20.1",  # offline POS tagger: builds the noun lexicon, precomputes nouns in shard conversion.
 ]
 

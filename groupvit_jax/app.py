@@ -25,7 +25,8 @@ from groupvit_jax import cli  # first: TensorFlow imported with its native start
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from groupvit_jax import checkpoint, config_lib, viz
 from groupvit_jax.datasets import shapes, shapes_tfds
@@ -103,16 +104,40 @@ def overlay_picture(image: np.ndarray, pred: np.ndarray, names: list[str]) -> np
 
 
 def group_pictures(image: np.ndarray, group_maps: list[np.ndarray]) -> np.ndarray | None:
-  """Every stage's groups (distinct colours, over the enlarged image), side by side."""
+  """Every stage's groups (distinct colours, over the enlarged image), side by side; the last stage's
+  groups carry their numbers (the table's), each at its innermost pixel."""
   if not group_maps:
     return None
   big = enlarge(image)
   tiles = []
   for stage, groups in enumerate(group_maps):
     g = np.asarray(Image.fromarray(np.asarray(groups).astype(np.uint8)).resize(big.shape[1::-1], Image.NEAREST))
-    tiles.append(viz.overlay(big, g + 1, viz.palette(int(g.max()) + 2, seed=stage + 1), 0.6, skip_background=False))
-    tiles.append(np.full((big.shape[0], 6, 3), 255, np.uint8))
+    tile = viz.overlay(big, g + 1, viz.palette(int(g.max()) + 2, seed=stage + 1), 0.6, skip_background=False)
+    if stage == len(group_maps) - 1:
+      tile = _numbered(tile, g)
+    tiles += [tile, np.full((big.shape[0], 6, 3), 255, np.uint8)]
   return np.concatenate(tiles[:-1], axis=1)
+
+
+def _numbered(picture: np.ndarray, groups: np.ndarray) -> np.ndarray:
+  """Writes each group's number (id + 1) at the pixel of the group farthest from its border (of those,
+  the one nearest the group's centroid)."""
+  canvas = Image.fromarray(picture)
+  draw = ImageDraw.Draw(canvas)
+  h, w = groups.shape
+  for g in np.unique(groups):
+    inside = ndimage.distance_transform_edt(np.pad(groups == g, 1))[1:-1, 1:-1]
+    ys, xs = np.nonzero(inside >= inside.max() - 0.5)
+    cy, cx = np.argwhere(groups == g).mean(axis=0)
+    k = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
+    label = str(int(g) + 1)
+    box = draw.textbbox((0, 0), label)
+    tw, th = box[2] - box[0], box[3] - box[1]
+    x = int(np.clip(xs[k] - tw // 2, 2, w - tw - 2))
+    y = int(np.clip(ys[k] - th // 2, 1, h - th - 3))
+    draw.rectangle([x - 2, y - 1, x + tw + 2, y + th + 3], fill=(255, 255, 255))
+    draw.text((x, y - box[1]), label, fill=(0, 0, 0))
+  return np.asarray(canvas)
 
 
 @dataclasses.dataclass
@@ -253,7 +278,7 @@ class Page:
         with gr.Column(scale=2):
           status = gr.Markdown(elem_id="status")
           overlay = gr.Image(label="Prediction", type="numpy", format="png", elem_id="overlay", interactive=False)
-          groups = gr.Image(label="Groups per stage (first window)", type="numpy", format="png", elem_id="groups",
+          groups = gr.Image(label="Groups per stage (first window; the last stage numbered as in the table)", type="numpy", format="png", elem_id="groups",
                             interactive=False)
           table = gr.Dataframe(headers=TABLE_HEADERS, label="Final groups: best classes", elem_id="table",
                                interactive=False)
