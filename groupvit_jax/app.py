@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from typing import Any
@@ -83,7 +84,9 @@ def example_images(config, count: int = EXAMPLES) -> list[str]:
   if not os.path.exists(os.path.join(root, "classes.txt")):
     tmp = f"{root}.tmp-{os.getpid()}"
     shapes.write_voc_layout(tmp, count, seed=seed, image_size=size, world=world)
-    if not os.path.exists(root):
+    if os.path.exists(root):  # another server wrote them meanwhile
+      shutil.rmtree(tmp)
+    else:
       os.replace(tmp, root)
   folder = os.path.join(root, "JPEGImages")
   return [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:count]]
