@@ -80,10 +80,10 @@ def class_embeddings(model, variables, class_names: Sequence[str], tokenizer, co
 
 
 def window_features(model, variables, images: jax.Array, patch_size: int) -> dict[str, Any]:
-  """The part of `window_scores` that does not depend on the class names, for a batch of normalised windows
-  `[batch, h, w, 3]`: LSeg's per-pixel features, or each pixel's final group (`[batch, h, w]`, the argmax of
-  the stages' chained soft maps resized bilinearly to the window), the group and image embeddings and
-  every stage's group map (for pictures)."""
+  """What the class names do not change, for a batch of normalised windows `[batch, h, w, 3]`: LSeg's
+  per-pixel features, or each pixel's final group (`[batch, h, w]`, the argmax of the stages' chained soft
+  maps resized bilinearly to the window), the group and image embeddings and every stage's group map
+  (for pictures). `scores_from_features` scores them with any class names."""
   if isinstance(model, LSeg):
     return {"pixels": model.apply(variables, images, method=model.pixel_features)}
   b, h, w, _ = images.shape
@@ -108,7 +108,14 @@ def window_features(model, variables, images: jax.Array, patch_size: int) -> dic
 def scores_from_features(model, variables, features: dict[str, Any], text: jax.Array, bg_threshold: float | None,
                          size: tuple[int, int], top_k: int = 5) -> tuple[jax.Array, jax.Array | None]:
   """`window_features`' output and class embeddings -> (per-pixel scores `[batch, h, w, outputs]`, each
-  group's class scores `[batch, groups, classes]` or None for LSeg); `size` is the windows' (h, w)."""
+  group's class scores `[batch, groups, classes]` or None for LSeg).
+
+  Args:
+    text: `[classes, proj]` normalised class embeddings (foreground classes only; LSeg's labels).
+    bg_threshold: None for datasets without background, else the background threshold (its score is
+      the first output).
+    size: the windows' (h, w).
+  """
   if isinstance(model, LSeg):  # dense: every pixel's softmax over the labels (background among them)
     logits = model.apply(variables, features["pixels"], text, size, method=model.logits_from_features)
     return jax.nn.softmax(logits, axis=-1), None
@@ -128,22 +135,6 @@ def scores_from_features(model, variables, features: dict[str, Any], text: jax.A
     background = (scores.max(axis=-1) < threshold).astype(scores.dtype)
     scores = jnp.concatenate([background[..., None], scores], axis=-1)
   return scores, masked
-
-
-def window_scores(model, variables, images: jax.Array, text: jax.Array, patch_size: int,
-                  bg_threshold: float | None, top_k: int = 5) -> tuple[jax.Array, list[jax.Array]]:
-  """Per-pixel class scores for a batch of normalised windows.
-
-  Args:
-    images: `[batch, h, w, 3]` normalised.
-    text: `[classes, proj]` normalised class embeddings (foreground classes only).
-    bg_threshold: None for datasets without background, else the background threshold.
-  Returns:
-    (`[batch, h, w, classes (+1 background first)]` scores, per-stage hard group maps `[batch, h, w]`).
-  """
-  features = window_features(model, variables, images, patch_size)
-  scores, _ = scores_from_features(model, variables, features, text, bg_threshold, images.shape[1:3], top_k)
-  return scores, features.get("stage_maps", [])
 
 
 def test_time_resize_shape(h: int, w: int, short_side: int = 448, long_side: int = 2048) -> tuple[int, int]:
