@@ -18,7 +18,6 @@ from PIL import Image
 
 from groupvit_jax import app, checkpoint, config_lib, demo, viz
 from groupvit_jax.datasets import shapes, shapes_tfds
-from groupvit_jax.evaluators import segmentation
 from groupvit_jax.evaluators.segmentation import ZeroShotSegmenter
 from groupvit_jax.models import build_model, random_variables
 from groupvit_jax.pp import tokenizers
