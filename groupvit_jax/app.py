@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from groupvit_jax import checkpoint, config_lib, viz
+from groupvit_jax import checkpoint, config_lib, demo, viz
 from groupvit_jax.datasets import shapes, shapes_tfds
 from groupvit_jax.evaluators import seg_datasets
 from groupvit_jax.evaluators.segmentation import PROTOCOLS, ZeroShotSegmenter
@@ -73,11 +73,10 @@ def geometry(config) -> dict[str, Any]:
 def example_images(config, count: int = EXAMPLES) -> list[str]:
   """Held-out shapes-world images at the model's size (a seed training never reads), written once: of the
   world the config trains on, or the demo's world for other configs."""
-  world = "coded"
-  data = config.get("input", {}).get("data", [])
-  by_name = {c.name: c.world for c in shapes_tfds.ShapesWorld.BUILDER_CONFIGS}
-  if data and data[0].get("kind") == "shapes" and data[0].get("config") in by_name:
-    world = by_name[data[0]["config"]]
+  try:
+    world = demo.training_world(config)
+  except (ValueError, KeyError, AttributeError, IndexError):  # not a shapes-world config
+    world = "coded"
   size = config.model.image.image_size
   seed = shapes_tfds.SPLIT_SEEDS["validation"]
   root = os.path.join(tempfile.gettempdir(), f"groupvit_jax_app_examples_{world}_{size}px_seed{seed}")
@@ -92,17 +91,11 @@ def example_images(config, count: int = EXAMPLES) -> list[str]:
   return [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:count]]
 
 
-def enlarge(a: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
-  """Nearest-neighbour enlargement of a small picture or label map by an integer factor."""
-  k = max(1, -(-size // a.shape[0]))
-  return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
-
-
 def overlay_picture(image: np.ndarray, pred: np.ndarray, names: list[str]) -> np.ndarray:
   """The page's prediction: `pred` (0 = background, left uncoloured) over the enlarged image, a legend of
   the classes present."""
   colors = viz.palette(max(len(names), 2))
-  image, pred = enlarge(image), enlarge(pred)
+  image, pred = viz.enlarge(image, DISPLAY_SIZE), viz.enlarge(pred, DISPLAY_SIZE)
   return viz.with_legend(viz.overlay(image, pred, colors), names, colors, pred)
 
 
@@ -111,12 +104,12 @@ def group_pictures(image: np.ndarray, group_maps: list[np.ndarray]) -> np.ndarra
   groups carry their numbers (the table's), each at its innermost pixel."""
   if not group_maps:
     return None
-  big = enlarge(image)
+  big = viz.enlarge(image, DISPLAY_SIZE)
   tiles = []
   for stage, groups in enumerate(group_maps):
-    g = np.asarray(Image.fromarray(np.asarray(groups).astype(np.uint8)).resize(big.shape[1::-1], Image.NEAREST))
-    tile = viz.overlay(big, g + 1, viz.palette(int(g.max()) + 2, seed=stage + 1), 0.6, skip_background=False)
+    tile = viz.group_overlay(big, groups, stage)
     if stage == len(group_maps) - 1:
+      g = np.asarray(Image.fromarray(np.asarray(groups).astype(np.uint8)).resize(big.shape[1::-1], Image.NEAREST))
       tile = _numbered(tile, g)
     tiles += [tile, np.full((big.shape[0], 6, 3), 255, np.uint8)]
   return np.concatenate(tiles[:-1], axis=1)

@@ -64,9 +64,7 @@ def main(argv):
   Image.fromarray(viz.with_legend(viz.overlay(image, pred, colors), names, colors, pred)).save(
       os.path.join(out, "overlay.png"))
   for i, g in enumerate(groups):
-    g = np.asarray(Image.fromarray(np.asarray(g).astype(np.uint8)).resize(image.shape[1::-1], Image.NEAREST))
-    Image.fromarray(viz.overlay(image, g + 1, viz.palette(int(g.max()) + 2, seed=i + 1), 0.6,
-                                skip_background=False)).save(os.path.join(out, f"groups_stage{i + 1}.png"))
+    Image.fromarray(viz.group_overlay(image, g, i)).save(os.path.join(out, f"groups_stage{i + 1}.png"))
   Image.fromarray(viz.panel(image, pred, None, [np.asarray(g) for g in groups], names)).save(
       os.path.join(out, "panel.png"))
   found = {names[i]: float(np.mean(pred == i)) for i in np.unique(pred)}

@@ -50,22 +50,32 @@ def with_legend(picture: np.ndarray, names: list[str], colors: np.ndarray, prese
   return np.asarray(canvas)
 
 
+def enlarge(a: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour enlargement of a picture or label map by the smallest integer factor that makes its
+  height at least `size` (1 when it already is)."""
+  k = max(1, -(-size // a.shape[0]))
+  return np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+
+
+def group_overlay(image: np.ndarray, groups: np.ndarray, stage: int) -> np.ndarray:
+  """One stage's group map (any size, resized nearest to the image's) over the image, a colour per group."""
+  g = np.asarray(Image.fromarray(np.asarray(groups).astype(np.uint8)).resize(image.shape[1::-1], Image.NEAREST))
+  return overlay(image, g + 1, palette(int(g.max()) + 2, seed=stage + 1), 0.6, skip_background=False)
+
+
 def panel(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, group_maps: list[np.ndarray],
           names: list[str]) -> np.ndarray:
   """input | prediction overlay + legend | ground truth | one group map per stage, side by side."""
   colors = palette(max(len(names), 2))
   if image.shape[0] < 160:  # small images (the shapes world) are enlarged to be seen
-    k = -(-160 // image.shape[0])
-    up = lambda a: np.repeat(np.repeat(a, k, axis=0), k, axis=1)
-    image, pred = up(image), up(pred)
-    gt = up(gt) if gt is not None else None
+    image, pred = enlarge(image, 160), enlarge(pred, 160)
+    gt = enlarge(gt, 160) if gt is not None else None
   h = image.shape[0]
   tiles = [image, with_legend(overlay(image, pred, colors), names, colors, pred)]
   if gt is not None:
     tiles.append(colorize(gt, colors))
   for stage, groups in enumerate(group_maps):
-    g = np.asarray(Image.fromarray(groups.astype(np.uint8)).resize(image.shape[1::-1], Image.NEAREST))
-    tiles.append(overlay(image, g + 1, palette(int(g.max()) + 2, seed=stage + 1), 0.6, skip_background=False))
+    tiles.append(group_overlay(image, groups, stage))
   tiles = [t if t.shape[0] == h else np.asarray(Image.fromarray(t).crop((0, 0, t.shape[1], h))) for t in tiles]
   gap = np.full((h, 4, 3), 255, np.uint8)
   return np.concatenate(sum(([t, gap] for t in tiles), [])[:-1], axis=1)

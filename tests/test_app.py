@@ -84,10 +84,10 @@ def test_segmenter_reuses_the_image_tower_and_says_what_is_wrong(demo_model, tmp
   image, pred = _evaluator_prediction(config, ckpt, images[0], None)
   names = list(reversed(shapes.CLASSES))
   remap = np.asarray([names.index(c) for c in shapes.CLASSES])
-  big = app.enlarge(image)
+  big = viz.enlarge(image, app.DISPLAY_SIZE)
   got = reordered.overlay[:big.shape[0], :big.shape[1]]
   colors = viz.palette(len(names) + 1)
-  want = (0.5 * big.astype(np.float32) + 0.5 * colors[app.enlarge(remap[pred] + 1)]).astype(np.uint8)
+  want = (0.5 * big.astype(np.float32) + 0.5 * colors[viz.enlarge(remap[pred] + 1, app.DISPLAY_SIZE)]).astype(np.uint8)
   np.testing.assert_array_equal(got, want)
   assert first.table and all(0 < row[1] <= 100 for row in first.table)
   assert abs(sum(row[1] for row in first.table) - 100) < 0.5  # every pixel of the window in one group
